@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -126,18 +127,22 @@ class Mosquitto:
     """A mosquitto process with one mutual-TLS listener on 127.0.0.1.
 
     ``port=0`` picks a free ephemeral port once, at construction; :meth:`stop` then
-    :meth:`start` brings the broker back on the same port, as an outage would.
+    :meth:`start` brings the broker back on the same port, as an outage would; :meth:`kill`
+    ends it without a goodbye, :meth:`pause` freezes it (connections open, no acks).
+    ``acl`` is the text of a mosquitto ACL file (users are thing names), or None for no ACL.
     """
 
     host = "127.0.0.1"
 
     def __init__(self, dirpath: str | os.PathLike, certs: CertPaths, port: int = 0, *,
-                 max_packet_size: int = 256 * 1024, executable: str = MOSQUITTO,
-                 start_timeout: float = 10.0):
+                 max_packet_size: int = 256 * 1024, acl: str | None = None,
+                 executable: str = MOSQUITTO, start_timeout: float = 10.0):
         self.dir = Path(dirpath)
         self.certs = certs
         self.port = port or free_port(self.host)
         self.max_packet_size = max_packet_size
+        self.acl = acl
+        self.acl_path = self.dir / "acl"
         self.executable = executable
         self.start_timeout = start_timeout
         self.config_path = self.dir / "mosquitto.conf"
@@ -164,6 +169,7 @@ class Mosquitto:
             "log_timestamp true",
             f"max_packet_size {self.max_packet_size}",
             "allow_anonymous false",
+            *([f"acl_file {self.acl_path}"] if self.acl is not None else []),
             "",
             f"listener {self.port} {self.host}",
             "protocol mqtt",
@@ -189,6 +195,8 @@ class Mosquitto:
             raise BrokerError(MISSING_MOSQUITTO)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config())
+        if self.acl is not None:
+            self.acl_path.write_text(self.acl)
         self._proc = subprocess.Popen(
             [self.executable, "-c", str(self.config_path)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -223,6 +231,16 @@ class Mosquitto:
         log = self.log_path.read_text(errors="replace").strip().splitlines()[-5:] if self.log_path.exists() else []
         return " | ".join([stderr, *log]).strip(" |") or "no output"
 
+    def pause(self) -> None:
+        """Freeze mosquitto (SIGSTOP): connections stay open, nothing is answered."""
+        if self.running:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Undo :meth:`pause` (SIGCONT)."""
+        if self.running:
+            self._proc.send_signal(signal.SIGCONT)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop mosquitto with SIGTERM (it closes its connections) and wait for it to exit."""
         self._end(kill=False, timeout=timeout)
@@ -236,7 +254,11 @@ class Mosquitto:
         if proc is None:
             return
         if proc.poll() is None:
-            proc.kill() if kill else proc.terminate()
+            if kill:
+                proc.kill()
+            else:
+                proc.send_signal(signal.SIGCONT)  # a paused broker cannot act on SIGTERM
+                proc.terminate()
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
