@@ -1,0 +1,339 @@
+"""The gateway's YAML configuration, validated before anything starts.
+
+Every error names the key path, the bad value and what is allowed::
+
+    sources[1].speed: -3 must be > 0
+    buffer.policy: 'drop_newest' is not one of drop_oldest, reject_newest
+    publisher.cert: /etc/gw/cert.pem does not exist
+
+All problems are collected in one pass and raised together as
+:class:`~gateway.errors.ConfigErrors`; a bad config never starts the gateway. The same
+:func:`validate` checks a Greengrass configuration update before it is applied.
+
+Reference (defaults in brackets)::
+
+    thing: gw-demo-01               # thing name = MQTT client id; a topic level
+    app: meters                     # [meters] the <app> level of dt/<app>/<site>/<thing>/raw
+    log_level: INFO                 # [INFO] DEBUG, INFO, WARNING, ERROR
+    buffer:
+      path: var/buffer.db           # [var/buffer.db] relative paths are relative to the config file
+      budget_mb: 1024               # [1024] byte budget of the SQLite file
+      policy: drop_oldest           # [drop_oldest] or reject_newest, when the budget is used
+      live_window_s: 300            # [300] readings newer than this (data time) go first
+      synchronous: full             # [full] fsync every put; "normal" trades power-loss safety for speed
+    sources:                        # one or more
+      - type: replay                # ASHRAE CSV / CSV.GZ, or a JSON array of messages
+        name: sample                # [the type] unique; keys the committed position
+        path: data/sample/readings.csv.gz
+        speed: null                 # [null] null = as fast as possible; 3600 = an hour a second
+        batch_size: 1000            # [1000]
+      - type: simulator
+        name: sim
+        meters: 2380                # [2380]
+        interval_s: 60              # [60]
+        speed: 1.0                  # [1.0] null = as fast as possible
+        anomaly_rate: 0.0           # [0.0] share of readings turned into spikes or dropouts
+        seed: 1                     # [1]
+        count: null                 # [null] stop after this many readings
+        labels_path: null           # [null] where injected anomalies are recorded (CSV)
+    publisher:
+      type: mqtt                    # mqtt or memory
+      endpoint: localhost           # IoT Core ATS endpoint, or a local broker
+      port: 8883                    # [8883]
+      cert: certs/gw.crt            # client certificate (CN = thing name)
+      key: certs/gw.key
+      ca: certs/ca.crt
+      local: false                  # [false] true lifts IoT Core's 100 publishes/s and 512 KB/s
+    forwarder:
+      batch_size: 100               # [100] readings per message, 1..100
+      claim_size: 1000              # [1000] readings claimed from the buffer at once
+      window: 64                    # [64] messages in flight
+      ack_timeout_s: 30             # [30] no PUBACK for this long while connected = retry
+      backoff_min_s: 0.5            # [0.5]
+      backoff_max_s: 60             # [60]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from gateway.errors import ConfigError, ConfigErrors
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SOURCE_TYPES = ("replay", "simulator")
+PUBLISHER_TYPES = ("mqtt", "memory")
+POLICIES = ("drop_oldest", "reject_newest")
+
+
+@dataclass
+class Config:
+    thing: str
+    app: str = "meters"
+    log_level: str = "INFO"
+    buffer: dict = field(default_factory=dict)
+    sources: list[dict] = field(default_factory=list)
+    publisher: dict = field(default_factory=dict)
+    forwarder: dict = field(default_factory=dict)
+    model: dict | None = None
+    weather: dict | None = None
+    base: Path = Path(".")
+    raw: dict = field(default_factory=dict)
+
+
+class _Checker:
+    """Collects errors while walking a config."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.errors: list[ConfigError] = []
+
+    def fail(self, path: str, message: str) -> None:
+        self.errors.append(ConfigError(path, message))
+
+    def mapping(self, path: str, value: Any, allowed: set[str], required: set[str] = frozenset()) -> dict:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            self.fail(path, f"{_show(value)} must be a mapping")
+            return {}
+        for key in value:
+            if key not in allowed:
+                self.fail(_join(path, key), f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        for key in sorted(required):
+            if key not in value:
+                self.fail(_join(path, key), "is required")
+        return value
+
+    def get(
+        self,
+        path: str,
+        d: dict,
+        key: str,
+        kind: type | tuple,
+        default: Any = None,
+        *,
+        nullable: bool = False,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> Any:
+        where = _join(path, key)
+        if key not in d:
+            return default
+        value = original = d[key]
+        if value is None and nullable:
+            return None
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        elif float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+            value = float(value) if int not in kinds else value
+        else:
+            ok = isinstance(value, kinds)
+        if not ok:
+            names = " or ".join(k.__name__ for k in kinds) + (" or null" if nullable else "")
+            self.fail(where, f"{_show(value)} must be {_article(names)}")
+            return default
+        if check is not None:
+            problem = check(value)
+            if problem:
+                self.fail(where, f"{_show(original)} {problem}")
+                return default
+        return value
+
+    def path(self, where: str, value: str, must_exist: bool = True) -> Path:
+        p = Path(value)
+        if not p.is_absolute():
+            p = self.base / p
+        if must_exist and not p.exists():
+            self.fail(where, f"{value} does not exist")
+        return p
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _article(names: str) -> str:
+    return ("an " if names[0] in "aeiou" else "a ") + names
+
+
+def gt(bound: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v > bound else f"must be > {bound:g}"
+
+
+def between(lo: float, hi: float) -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"is out of range {lo:g}..{hi:g}"
+
+
+def one_of(*allowed: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in allowed else f"is not one of {', '.join(allowed)}"
+
+
+def topic_level(what: str) -> Callable[[Any], str | None]:
+    def check(v: str) -> str | None:
+        if not v:
+            return "must not be empty"
+        for bad in "/+#":
+            if bad in v:
+                return f"contains {bad!r}, which cannot stand in a topic level"
+        if len(v) > 128:
+            return f"is longer than 128 characters (IoT Core's limit for a {what})"
+        return None
+
+    return check
+
+
+def validate(raw: Any, base: Path = Path(".")) -> Config:
+    """Check a parsed config and return it with defaults filled in, or raise ConfigErrors."""
+    c = _Checker(base)
+    top = c.mapping("", raw, {"thing", "app", "log_level", "buffer", "sources", "publisher", "forwarder",
+                              "model", "weather", "sites"}, {"thing", "sources", "publisher"})
+    thing = c.get("", top, "thing", str, "", check=topic_level("thing"))
+    app = c.get("", top, "app", str, "meters", check=topic_level("app"))
+    log_level = c.get("", top, "log_level", str, "INFO", check=one_of(*LOG_LEVELS))
+
+    b = c.mapping("buffer", top.get("buffer"), {"path", "budget_mb", "policy", "live_window_s", "synchronous"})
+    buffer = {
+        "path": c.path("buffer.path", c.get("buffer", b, "path", str, "var/buffer.db"), must_exist=False),
+        "budget_bytes": int(c.get("buffer", b, "budget_mb", (int, float), 1024, check=gt(0)) * 1024 * 1024),
+        "policy": c.get("buffer", b, "policy", str, "drop_oldest", check=one_of(*POLICIES)),
+        "live_window_ms": int(c.get("buffer", b, "live_window_s", (int, float), 300, check=gt(0)) * 1000),
+        "synchronous": c.get("buffer", b, "synchronous", str, "full", check=one_of("full", "normal")),
+    }
+
+    sources: list[dict] = []
+    raw_sources = top.get("sources")
+    if "sources" in top and (not isinstance(raw_sources, list) or not raw_sources):
+        c.fail("sources", f"{_show(raw_sources)} must be a non-empty list")
+        raw_sources = []
+    names: dict[str, int] = {}
+    for i, s in enumerate(raw_sources or []):
+        where = _join("sources", i)
+        if not isinstance(s, dict):
+            c.fail(where, f"{_show(s)} must be a mapping")
+            continue
+        kind = s.get("type")
+        if kind not in SOURCE_TYPES:
+            c.fail(_join(where, "type"), f"{_show(kind)} is not one of {', '.join(SOURCE_TYPES)}")
+            continue
+        if kind == "replay":
+            s = c.mapping(where, s, {"type", "name", "path", "speed", "batch_size"}, {"path"})
+            src = {
+                "type": kind,
+                "name": c.get(where, s, "name", str, kind, check=lambda v: None if v else "must not be empty"),
+                "path": c.path(_join(where, "path"), c.get(where, s, "path", str, "")) if "path" in s else None,
+                "speed": c.get(where, s, "speed", float, None, nullable=True, check=gt(0)),
+                "batch_size": c.get(where, s, "batch_size", int, 1000, check=between(1, 100_000)),
+            }
+        else:
+            s = c.mapping(where, s, {"type", "name", "meters", "interval_s", "speed", "anomaly_rate", "seed",
+                                     "count", "labels_path", "start"})
+            labels = c.get(where, s, "labels_path", str, None, nullable=True)
+            src = {
+                "type": kind,
+                "name": c.get(where, s, "name", str, kind, check=lambda v: None if v else "must not be empty"),
+                "meters": c.get(where, s, "meters", int, 2380, check=between(1, 1_000_000)),
+                "interval_s": c.get(where, s, "interval_s", (int, float), 60, check=gt(0)),
+                "speed": c.get(where, s, "speed", float, 1.0, nullable=True, check=gt(0)),
+                "anomaly_rate": c.get(where, s, "anomaly_rate", float, 0.0, check=between(0, 1)),
+                "seed": c.get(where, s, "seed", int, 1),
+                "count": c.get(where, s, "count", int, None, nullable=True, check=gt(0)),
+                "labels_path": c.path(_join(where, "labels_path"), labels, must_exist=False) if labels else None,
+                "start": c.get(where, s, "start", str, None, nullable=True),
+            }
+        if src["name"] in names:
+            c.fail(_join(where, "name"), f"{_show(src['name'])} is already the name of sources[{names[src['name']]}]")
+        names[src["name"]] = i
+        sources.append(src)
+
+    p = top.get("publisher")
+    kind = p.get("type") if isinstance(p, dict) else None
+    publisher: dict = {}
+    if "publisher" in top and kind not in PUBLISHER_TYPES:
+        c.fail("publisher.type", f"{_show(kind)} is not one of {', '.join(PUBLISHER_TYPES)}")
+    elif kind == "memory":
+        c.mapping("publisher", p, {"type"})
+        publisher = {"type": "memory"}
+    elif kind == "mqtt":
+        p = c.mapping("publisher", p, {"type", "endpoint", "port", "cert", "key", "ca", "local"},
+                      {"endpoint", "cert", "key", "ca"})
+        publisher = {
+            "type": "mqtt",
+            "endpoint": c.get("publisher", p, "endpoint", str, "", check=lambda v: None if v else "must not be empty"),
+            "port": c.get("publisher", p, "port", int, 8883, check=between(1, 65535)),
+            "local": c.get("publisher", p, "local", bool, False),
+        }
+        for key in ("cert", "key", "ca"):
+            if key in p:
+                value = c.get("publisher", p, key, str, "")
+                publisher[key] = c.path(f"publisher.{key}", value) if value else None
+
+    f = c.mapping("forwarder", top.get("forwarder"), {"batch_size", "claim_size", "window", "ack_timeout_s",
+                                                      "backoff_min_s", "backoff_max_s"})
+    forwarder = {
+        "batch_size": c.get("forwarder", f, "batch_size", int, 100, check=between(1, 100)),
+        "claim_size": c.get("forwarder", f, "claim_size", int, 1000, check=between(1, 100_000)),
+        "window": c.get("forwarder", f, "window", int, 64, check=between(1, 10_000)),
+        "ack_timeout_s": c.get("forwarder", f, "ack_timeout_s", (int, float), 30, check=gt(0)),
+        "backoff_min_s": c.get("forwarder", f, "backoff_min_s", (int, float), 0.5, check=gt(0)),
+        "backoff_max_s": c.get("forwarder", f, "backoff_max_s", (int, float), 60, check=gt(0)),
+    }
+    if forwarder["backoff_max_s"] < forwarder["backoff_min_s"]:
+        c.fail("forwarder.backoff_max_s",
+               f"{forwarder['backoff_max_s']:g} must be >= backoff_min_s ({forwarder['backoff_min_s']:g})")
+
+    model = _model_section(c, top) if "model" in top else None
+    weather = _weather_section(c, top) if "weather" in top else None
+
+    if c.errors:
+        raise ConfigErrors(c.errors)
+    return Config(thing=thing, app=app, log_level=log_level, buffer=buffer, sources=sources,
+                  publisher=publisher, forwarder=forwarder, model=model, weather=weather, base=base, raw=top)
+
+
+def _model_section(c: _Checker, top: dict) -> dict:
+    m = c.mapping("model", top.get("model"), {"path", "buildings", "threads", "threshold", "enabled"}, {"path"})
+    out = {
+        "enabled": c.get("model", m, "enabled", bool, True),
+        "threads": c.get("model", m, "threads", int, 1, check=between(1, 64)),
+        "threshold": c.get("model", m, "threshold", (int, float), 4.0, check=gt(0)),
+    }
+    if "path" in m:
+        out["path"] = c.path("model.path", c.get("model", m, "path", str, ""))
+    out["buildings"] = c.path("model.buildings", c.get("model", m, "buildings", str, "data/building_metadata.csv"))
+    return out
+
+
+def _weather_section(c: _Checker, top: dict) -> dict:
+    w = c.mapping("weather", top.get("weather"), {"path", "max_age_s"}, {"path"})
+    out = {"max_age_ms": int(c.get("weather", w, "max_age_s", (int, float), 3 * 3600, check=gt(0)) * 1000)}
+    if "path" in w:
+        out["path"] = c.path("weather.path", c.get("weather", w, "path", str, ""))
+    return out
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the config: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(where, f"not valid YAML: {problem}") from exc
+    return validate(raw, base=path.resolve().parent)

@@ -1,0 +1,80 @@
+"""Every error the gateway raises on purpose.
+
+    GatewayError                 base of everything below
+    ├── ConfigError              a configuration that must not start the gateway
+    ├── ReadingError             one reading that cannot be accepted (it is quarantined)
+    ├── BufferError              the SQLite buffer
+    │   ├── BufferFull           the byte budget is used and the policy is reject-newest
+    │   └── SchemaError          the buffer file was written by a newer gateway
+    ├── PublishError             a message could not be delivered
+    │   ├── RetryableError       try again later (connection down, timeout)
+    │   └── UndeliverableError   never deliverable (oversize, bad topic): quarantine it
+    └── ModelError               a model that cannot be loaded, checked or swapped in
+
+Lower-level errors (sqlite3, awscrt, onnxruntime, yaml) are mapped to the most specific
+of these with ``raise ... from exc`` where they cross a seam.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base class of the gateway's errors."""
+
+
+class ConfigError(GatewayError):
+    """A configuration problem, named by its key path.
+
+    ``str(err)`` reads ``sources[1].speed: -3 must be > 0``.
+    """
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration problems found in one pass; each is listed."""
+
+    def __init__(self, errors: list[ConfigError]):
+        self.errors = errors
+        GatewayError.__init__(self, "\n".join(str(e) for e in errors))
+        self.path = errors[0].path if errors else ""
+        self.message = str(self)
+
+
+class ReadingError(GatewayError):
+    """A reading that fails validation. ``reason`` is the short cause."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+class BufferError(GatewayError):  # noqa: A001 - shadows the builtin on purpose, inside this module only
+    """A problem with the SQLite buffer."""
+
+
+class BufferFull(BufferError):
+    """The byte budget is used and the policy is to reject the newest readings."""
+
+
+class SchemaError(BufferError):
+    """The buffer's schema is newer than this gateway knows."""
+
+
+class PublishError(GatewayError):
+    """A message could not be delivered."""
+
+
+class RetryableError(PublishError):
+    """Delivery failed for now: connection down, broker refused, timeout."""
+
+
+class UndeliverableError(PublishError):
+    """The message can never be delivered as it is (oversize, invalid topic)."""
+
+
+class ModelError(GatewayError):
+    """A model that cannot be loaded, verified or swapped in."""
