@@ -175,6 +175,7 @@ class Buffer:
         synchronous: str = "full",
         reclaim_every: int = 50_000,
         clock: Callable[[], float] = time.time,
+        readonly: bool = False,
     ):
         if policy not in POLICIES:
             raise BufferError(f"policy: {policy!r} is not one of {', '.join(POLICIES)}")
@@ -189,13 +190,21 @@ class Buffer:
         self.clock = clock
         self._lock = threading.RLock()
         self._listeners: list[Callable[[], None]] = []
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
         try:
-            self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute(f"PRAGMA synchronous={self.synchronous}")
+            if readonly:  # for `gateway status` beside a running gateway: changes nothing
+                if not self.path.exists():
+                    raise BufferError(f"{self.path}: no buffer here (has the gateway run with this config?)")
+                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                          check_same_thread=False)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute(f"PRAGMA synchronous={self.synchronous}")
             self.db.execute("PRAGMA busy_timeout=5000")
-            self._migrate()
+            if not readonly:
+                self._migrate()
             self._load()
         except sqlite3.Error as exc:
             raise BufferError(f"{self.path}: cannot open the buffer: {exc}") from exc
@@ -260,6 +269,11 @@ class Buffer:
         self._next_claim_id = 1
         self._since_reclaim = 0
         self._rate = _Rate()
+        self._delivery_rate = _Rate()
+        if self.readonly:
+            self._resend_count = db.execute("SELECT count(*) FROM resend").fetchone()[0]
+            self._resend_frontier, self._resend_inflight, self._newest = BOTTOM, set(), BOTTOM
+            return
         # Resend entries that a lane will walk again anyway are dropped (they would go twice).
         self.db.execute("BEGIN IMMEDIATE")
         sql, args = _upto(self.backlog.cursor)
@@ -368,6 +382,7 @@ class Buffer:
                 st["rejected_newest"] += refused
                 self._rate.add(now_ms, stored)
                 st["ingest_per_h"] = self._rate.per_hour()
+                st["stored_at"] = now_ms
                 self._set_state("stats", st)
                 db.execute("COMMIT")
             except BaseException:
@@ -593,6 +608,10 @@ class Buffer:
                     if lane is None or claim not in lane.inflight:
                         lane = self.backlog  # the lanes merged while it was in flight
                     lanes.add(lane.name)
+                now_ms = int(self.clock() * 1000)
+                self._delivery_rate.add(now_ms, sum(len(c.rows) for c in claims))
+                self.stats["delivered_per_h"] = self._delivery_rate.per_hour()
+                self.stats["delivered_at"] = now_ms
                 for name in lanes:
                     lane = self.live if name == "live" and self.live is not None else self.backlog
                     self._advance(lane)
@@ -729,6 +748,7 @@ class Buffer:
                 "policy": self.policy,
                 "bytes_per_reading": round(bytes_per_reading, 1),
                 "ingest_per_h": rate_h,
+                "delivered_per_h": self.stats.get("delivered_per_h") or 0.0,
                 "autonomy_hours": autonomy,
                 "live_lane": self.live is not None,
                 "resend": self._resend_count,
@@ -739,7 +759,8 @@ class Buffer:
     def close(self) -> None:
         with self._lock:
             try:
-                self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                if not self.readonly:
+                    self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             finally:
                 self.db.close()
 

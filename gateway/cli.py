@@ -1,0 +1,160 @@
+"""The ``gateway`` command: run, status, quarantine, score, bench, model, demo, build.
+
+Each command opens what it needs, calls one library function, and turns a
+:class:`~gateway.errors.GatewayError` into a message a person can act on (exit code 2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+from gateway.errors import ConfigError, GatewayError
+
+
+def _fail(exc: BaseException) -> None:
+    if isinstance(exc, ConfigError):
+        click.echo(f"error: invalid config:\n{exc}", err=True)
+    else:
+        click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
+def _ts(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+@click.group()
+@click.version_option(package_name="meter-gateway")
+def main() -> None:
+    """Edge gateway for building energy meters."""
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option("--exit-when-idle", is_flag=True, help="Stop once every source is done and everything is acknowledged.")
+@click.option("--check", is_flag=True, help="Validate the config and exit.")
+def run(config_path: str, exit_when_idle: bool, check: bool) -> None:
+    """Run sources → buffer → forwarder until Ctrl-C or SIGTERM."""
+    from gateway import config as cfg
+
+    try:
+        config = cfg.load(config_path)
+    except GatewayError as exc:
+        _fail(exc)
+    if check:
+        click.echo(f"{config_path}: ok")
+        return
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from gateway.runner import Gateway
+
+    try:
+        gw = Gateway(config)
+    except GatewayError as exc:
+        _fail(exc)
+    def _stop(signum, frame):  # noqa: ARG001
+        gw.stop_event.set()
+        gw.forwarder.wake.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    gw.start()
+    gw.wait(until_idle=exit_when_idle)
+    gw.stop()
+    f = gw.forwarder
+    click.echo(
+        f"stopped: {gw.buffer.stats['stored']} stored, {gw.buffer.stats['delivered']} delivered, "
+        f"{gw.buffer.stats['quarantined']} quarantined, {f.published} messages published"
+    )
+
+
+def _open_buffer(config_path: str | None, db: str | None):
+    from gateway.buffer import Buffer
+
+    if db is None:
+        if config_path is None:
+            raise click.UsageError("give --config or --db")
+        from gateway import config as cfg
+
+        conf = cfg.load(config_path)
+        return Buffer(conf.buffer["path"], budget_bytes=conf.buffer["budget_bytes"],
+                      policy=conf.buffer["policy"], readonly=True)
+    return Buffer(db, readonly=True)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option("--db", type=click.Path(dir_okay=False), help="The buffer file (instead of --config).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(config_path: str | None, db: str | None, as_json: bool) -> None:
+    """Buffer depth, oldest unsent age, rates, evictions and hours of autonomy left."""
+    try:
+        buf = _open_buffer(config_path, db)
+        st = buf.status()
+        buf.close()
+    except GatewayError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(st))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"buffer {st['path']}", show_header=False)
+    age = st["oldest_pending_age_s"]
+    autonomy = st["autonomy_hours"]
+    rows = [
+        ("pending readings", f"{st['pending']:,}"),
+        ("oldest unsent", f"{_ts(st['oldest_pending_ts'])}" + (f" ({age / 3600:,.1f} h ago)" if age else "")),
+        ("ingest rate", f"{st['ingest_per_h'] / 3600:,.1f} readings/s"),
+        ("delivery rate", f"{st['delivered_per_h'] / 3600:,.1f} readings/s"),
+        ("used / budget", f"{st['used_bytes'] / 2**20:,.1f} MiB / {st['budget_bytes'] / 2**20:,.0f} MiB ({st['policy']})"),
+        ("bytes per reading", f"{st['bytes_per_reading']}"),
+        ("autonomy left", f"{autonomy:,.1f} h at the current rate" if autonomy is not None else "unknown (no recent ingest)"),
+        ("stored / delivered", f"{st['stored']:,} / {st['delivered']:,}"),
+        ("duplicates ignored", f"{st['duplicates']:,}"),
+        ("quarantined", f"{st['quarantined']:,} readings, {st['undeliverable']:,} messages"),
+        ("evictions", f"{st['evicted_oldest']:,} oldest dropped, {st['rejected_newest']:,} newest refused"),
+        ("live lane", "open (backlog draining behind live readings)" if st["live_lane"] else "closed"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    Console().print(t)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option("--db", type=click.Path(dir_okay=False), help="The buffer file (instead of --config).")
+@click.option("--limit", default=50, show_default=True, help="How many entries.")
+@click.option("--kind", type=click.Choice(["reading", "message"]), help="Only readings or only messages.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def quarantine(config_path: str | None, db: str | None, limit: int, kind: str | None, as_json: bool) -> None:
+    """List quarantined readings and messages, with their reasons."""
+    try:
+        buf = _open_buffer(config_path, db)
+        rows = buf.quarantined(limit=limit, kind=kind)
+        buf.close()
+    except GatewayError as exc:
+        _fail(exc)
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps(r))
+        return
+    if not rows:
+        click.echo("quarantine is empty")
+        return
+    for r in rows:
+        raw = r["raw"] if len(r["raw"]) <= 120 else r["raw"][:117] + "..."
+        click.echo(f"#{r['id']} {r['kind']} {r['location']} ({r['source']}): {r['reason']}\n    {raw}")
+
+
+if __name__ == "__main__":
+    main()
