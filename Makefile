@@ -1,0 +1,39 @@
+# make demo — the main job, end to end, on this machine (no AWS account, no device)
+# make test — the whole test suite
+# Both do all set-up on a fresh Debian/Ubuntu machine: mosquitto from apt, a venv at .venv/.
+
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench setup system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,train]'
+	touch $(STAMP)
+
+setup: system-deps $(STAMP)
+
+system-deps:
+	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
+		echo "installing mosquitto (apt-get)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
+	@command -v openssl >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
+
+demo: setup
+	$(BIN)/gateway demo
+
+test: setup
+	$(BIN)/pytest -q -p no:cacheprovider
+
+bench: setup
+	$(BIN)/gateway bench
+
+clean:
+	rm -rf $(VENV) var build greengrass-build
