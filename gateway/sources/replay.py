@@ -161,8 +161,8 @@ class ReplaySource:
 
     def _open_text(self) -> io.TextIOBase:
         if self._file_name.lower().endswith(".gz"):
-            return gzip.open(self.path, "rt", encoding="utf-8", newline="")
-        return open(self.path, encoding="utf-8", newline="")
+            return gzip.open(self.path, "rt", encoding="utf-8-sig", newline="")
+        return open(self.path, encoding="utf-8-sig", newline="")
 
     def _csv_groups(self, start: int) -> Iterator[tuple[Batch, int | None]]:
         """Parse the CSV from data line ``start`` on; yield (batch, pacing key) pairs."""
@@ -201,7 +201,6 @@ class ReplaySource:
             rows = 0  # rows in the current batch (readings + rejected)
             cur_key: int | None = None  # pacing key (local naive epoch ms) of the current batch
             cur_text: str | None = None
-            key: int | None = None
             for row in reader:
                 if pacing:
                     text = row[it] if len(row) > it else None
@@ -245,8 +244,8 @@ class ReplaySource:
                         else:
                             readings.append(Reading(site, building, meter, ts, value, name))  # type: ignore[arg-type]
                             if pacing and cur_key is None:
-                                key = ts + int(round(offsets[site] * _MS_PER_HOUR))  # type: ignore[operator]
-                                cur_key = key
+                                # The local time as written: the order the file is sorted in.
+                                cur_key = ts + int(round(offsets[site] * _MS_PER_HOUR))  # type: ignore[operator]
                 done = reader.line_num
                 if reason is not None:
                     line_no = start + done + 1  # + 1: the header is line 1
