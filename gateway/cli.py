@@ -156,5 +156,35 @@ def quarantine(config_path: str | None, db: str | None, limit: int, kind: str | 
         click.echo(f"#{r['id']} {r['kind']} {r['location']} ({r['source']}): {r['reason']}\n    {raw}")
 
 
+
+@main.command()
+@click.option("--readings", "n", default=200_000, show_default=True, help="How many readings to push through.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+@click.option("--no-score", is_flag=True, help="Skip the scoring stage.")
+def bench(n: int, as_json: bool, no_score: bool) -> None:
+    """Measure ingest, drain and scoring against their raw limits in this run."""
+    from gateway import bench as b
+
+    say = (lambda s: click.echo(s, err=True)) if as_json else click.echo
+    result = b.run(n, score=not no_score, progress=lambda s: say(f"· {s}"))
+    ok = b.verdicts(result)
+    if not as_json:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"gateway bench ({n:,} readings)")
+        t.add_column("measure")
+        t.add_column("value", justify="right")
+        t.add_column("goal")
+        for key, value in result.items():
+            goal = b.GOALS.get(key)
+            mark = "" if key not in ok else (" ✓" if ok[key] else " ✗")
+            shown = f"{value:,.3f}" if isinstance(value, float) else str(value)
+            t.add_row(key, shown, (f"{goal[0]} {goal[1]:,}" + mark) if goal else "")
+        Console().print(t)
+    else:
+        click.echo(b.to_json(result))
+
+
 if __name__ == "__main__":
     main()
