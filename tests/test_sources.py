@@ -460,6 +460,9 @@ def test_simulator_injects_and_labels_anomalies(tmp_path):
         rows = list(csv.DictReader(f))
     assert [(r["meter_id"], int(r["ts"]), r["kind"]) for r in rows] == [(x.meter_id, x.ts, x.kind) for x in s.labels]
     assert s.labels_between(T0, T0 + 10 * 60_000) == s.labels
+    one = s.labels[0].meter_id
+    assert s.labels_between(T0, T0 + 10 * 60_000, meter_id=one) == [x for x in s.labels if x.meter_id == one]
+    assert s.labels_between(T0 + 10 * 60_000, T0 + 20 * 60_000)  # ticks not generated yet are labelled too
     assert all(isinstance(x, Label) for x in s.labels)
 
 

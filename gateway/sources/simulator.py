@@ -19,7 +19,8 @@ generated or not.
 Position is the next tick's timestamp (epoch ms, UTC; a reading's ``ts`` is the end of its
 interval). ``speed=None`` generates as fast as possible up to ``end_ms`` (or ``count`` ticks after
 ``start_ms``); ``speed=1.0`` is real time, ``speed=60.0`` a minute of data per second; waits are
-on ``stop.wait``.
+on ``stop.wait``. Pacing counts from the position it starts at: after a restart from an old
+position the data clock keeps that lag (it does not rush to catch up with the wall clock).
 """
 
 from __future__ import annotations
@@ -188,8 +189,11 @@ class SimulatorSource:
         factors = np.where(anomalous, np.where(spike, size, 0.0), 1.0)
         return values * factors, anomalous, factors
 
-    def labels_between(self, start_ms: int, end_ms: int) -> list[Label]:
-        """The anomalies of the ticks in ``[start_ms, end_ms)``, whether produced yet or not."""
+    def labels_between(self, start_ms: int, end_ms: int, meter_id: str | None = None) -> list[Label]:
+        """The anomalies of the ticks in ``[start_ms, end_ms)``, whether produced yet or not.
+
+        ``meter_id`` (``"<building>:<meter type>"``) keeps only that meter's.
+        """
         out: list[Label] = []
         if self.anomaly_rate <= 0:
             return out
@@ -197,7 +201,7 @@ class SimulatorSource:
         while ts < end_ms:
             out.extend(self._labels_of(ts, *self.values_at(ts)[1:]))
             ts += self.interval_ms
-        return out
+        return out if meter_id is None else [label for label in out if label.meter_id == meter_id]
 
     def _labels_of(self, ts: int, anomalous: np.ndarray, factors: np.ndarray) -> list[Label]:
         return [
