@@ -562,8 +562,8 @@ class Buffer:
         ).fetchone()
         if nxt is None or self._newest[0] - nxt[0] <= self.live_window_ms:
             return
-        # The live lane holds every reading with ts >= floor_ts (meter ids start at 1).
-        floor: Key = (self._newest[0] - self.live_window_ms, 0)
+        # The live lane holds every reading newer than the window's start: ts > floor ts.
+        floor: Key = (self._newest[0] - self.live_window_ms, 1 << 62)
         if floor <= self.backlog.frontier:
             return
         self.live_floor = floor

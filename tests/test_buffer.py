@@ -1,0 +1,352 @@
+"""The SQLite buffer: put / claim / ack, lanes, late readings, budget, quarantine, migrations."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+
+import pytest
+
+from gateway.buffer import MIGRATIONS, Buffer
+from gateway.errors import BufferError, SchemaError
+from gateway.readings import Reading
+
+T0 = 1_451_606_400_000  # 2016-01-01T00:00:00Z
+MIN = 60_000
+
+
+def reading(i: int, meter: str = "1", value: float | None = None, site: str = "0", kind: str = "electricity") -> Reading:
+    return Reading(site, meter, kind, T0 + i * MIN, float(i) if value is None else value, "test")
+
+
+def readings(n: int, start: int = 0, meters: int = 1) -> list[Reading]:
+    return [reading(start + i, meter=str(m)) for i in range(n) for m in range(1, meters + 1)]
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return tmp_path / "buffer.db"
+
+
+@pytest.fixture
+def buf(db_path):
+    b = Buffer(db_path, live_window_ms=10**12)  # no live lane unless a test asks for one
+    yield b
+    b.close()
+
+
+def drain(b: Buffer, limit: int = 100) -> list[tuple]:
+    """Claim and ack everything; return the rows in claim order."""
+    out = []
+    while (c := b.claim(limit)) is not None:
+        out.extend(c.rows)
+        b.ack(c)
+    return out
+
+
+# ---------------------------------------------------------------- storage
+
+
+def test_wal_mode_and_time_first_key(buf, db_path):
+    assert buf.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert buf.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    sql = buf.db.execute("SELECT sql FROM sqlite_master WHERE name = 'readings'").fetchone()[0]
+    assert "PRIMARY KEY(ts, meter)" in sql and "WITHOUT ROWID" in sql
+
+
+def test_put_claim_ack_roundtrip(buf):
+    result = buf.put(readings(250), source="s", position=250)
+    assert result.stored == 250 and result.quarantined == 0
+    c = buf.claim(100)
+    assert len(c) == 100 and [r[0] for r in c.rows] == sorted(r[0] for r in c.rows)
+    assert buf.pending() == 250  # claimed is not acknowledged
+    buf.ack(c)
+    assert buf.pending() == 150
+    rest = drain(buf)
+    assert len(rest) == 150 and buf.pending() == 0
+    assert buf.stats["delivered"] == 250
+
+
+def test_nothing_is_removed_before_ack(db_path):
+    b = Buffer(db_path, live_window_ms=10**12)
+    b.put(readings(300))
+    c1 = b.claim(100)
+    c2 = b.claim(100)
+    b.ack(c2)  # acknowledged out of order: the cursor must wait for c1
+    assert b.backlog.cursor < c1.lo or b.backlog.cursor == (0, 0)
+    b.close()
+    again = Buffer(db_path, live_window_ms=10**12)  # a crash: claims are gone, acknowledgements up to the cursor stay
+    assert again.pending() == 300
+    assert len(drain(again)) == 300
+    again.close()
+
+
+def test_cursor_survives_restart_and_reclaim_deletes_acked_rows(db_path):
+    b = Buffer(db_path, reclaim_every=10**9, live_window_ms=10**12)
+    b.put(readings(500))
+    for _ in range(3):
+        b.ack(b.claim(100))
+    b.close()
+    b = Buffer(db_path, reclaim_every=10**9, live_window_ms=10**12)
+    assert b.pending() == 200
+    assert b.db.execute("SELECT count(*) FROM readings").fetchone()[0] == 500  # not deleted yet
+    assert b.reclaim() == 300
+    assert b.db.execute("SELECT count(*) FROM readings").fetchone()[0] == 200
+    assert len(drain(b)) == 200
+    b.close()
+
+
+def test_position_commits_with_the_readings(buf, monkeypatch):
+    buf.put(readings(10), source="replay", position=10)
+    assert buf.position("replay") == 10
+
+    class Boom(Exception):
+        pass
+
+    real = buf._note_late
+
+    def explode(rows):
+        real(rows)
+        raise Boom("disk on fire")
+
+    monkeypatch.setattr(buf, "_note_late", explode)
+    with pytest.raises(Boom):
+        buf.put(readings(10, start=10), source="replay", position=20)
+    assert buf.position("replay") == 10  # neither the readings nor the position
+    assert buf.pending() == 10
+
+
+# ---------------------------------------------------------------- validation
+
+
+BAD = [
+    (Reading("0", "1", "electricity", T0, math.nan, "t"), "value: nan is not finite"),
+    (Reading("0", "1", "electricity", T0, math.inf, "t"), "value: inf is not finite"),
+    (Reading("0", "1", "electricity", T0, -1.5, "t"), "value: -1.5 is negative"),
+    (Reading("0", "1", "electricity", T0, "12", "t"), "value: '12' is not a number"),
+    (Reading("0", "1", "electricity", T0, None, "t"), "value: None is not a number"),
+    (Reading("0", "1", "gas", T0, 1.0, "t"), "meter: 'gas' is not one of electricity, chilledwater, steam, hotwater"),
+    (Reading("0", "1", "electricity", 1_451_606_400, 1.0, "t"),
+     "ts: 1451606400 is before 2000-01-01 (seconds instead of milliseconds?)"),
+    (Reading("0", "1", "electricity", 4_102_444_800_000, 1.0, "t"), "ts: 4102444800000 is more than 24 h in the future"),
+    (Reading("0", "1", "electricity", float(T0), 1.0, "t"), "ts: 1451606400000.0 is not an integer of epoch milliseconds"),
+    (Reading("0", "", "electricity", T0, 1.0, "t"), "building: '' is not a non-empty string"),
+    (Reading(0, "1", "electricity", T0, 1.0, "t"), "site: 0 is not a non-empty string"),
+]
+
+
+@pytest.mark.parametrize("bad,reason", BAD, ids=[r for _, r in BAD])
+def test_bad_reading_is_quarantined_with_its_reason(buf, bad, reason):
+    result = buf.put([reading(0), bad, reading(1)])
+    assert result.stored == 2 and result.quarantined == 1
+    [q] = buf.quarantined()
+    assert q["reason"] == reason
+    assert q["kind"] == "reading" and q["raw"] == repr(tuple(bad))
+
+
+def test_rejected_inputs_from_a_source_are_quarantined(buf):
+    from gateway.readings import Rejected
+
+    buf.put([], [Rejected("columns: 17 instead of 19", "997,1,2016-12-13 07:00:00", "replay", "x.csv:12")])
+    [q] = buf.quarantined()
+    assert (q["reason"], q["location"], q["source"]) == ("columns: 17 instead of 19", "x.csv:12", "replay")
+
+
+def test_duplicate_with_same_value_is_ignored_and_different_value_quarantined(buf):
+    buf.put([reading(0, value=5.0), reading(1, value=6.0)])
+    result = buf.put([reading(0, value=5.0), reading(1, value=7.5)])
+    assert (result.stored, result.duplicates, result.quarantined) == (0, 1, 1)
+    [q] = buf.quarantined()
+    assert q["reason"] == "duplicate (meter, ts) with a different value: stored 6.0, got 7.5"
+    assert q["location"] == f"1:electricity@{T0 + MIN}"
+
+
+def test_duplicate_inside_one_batch(buf):
+    result = buf.put([reading(0, value=1.0), reading(0, value=1.0), reading(0, value=2.0)])
+    assert (result.stored, result.duplicates, result.quarantined) == (1, 1, 1)
+
+
+# ---------------------------------------------------------------- order: live first, late readings
+
+
+def test_backlog_goes_in_time_order(buf):
+    buf.put(readings(300, meters=3))
+    rows = drain(buf, 50)
+    assert [(r[0], r[1]) for r in rows] == sorted((r[0], r[1]) for r in rows)
+    assert len(rows) == 900
+
+
+def test_live_readings_go_ahead_of_the_backlog(db_path):
+    b = Buffer(db_path, live_window_ms=10 * MIN)
+    b.put(readings(120))  # two hours of backlog
+    first = b.claim(5)
+    assert first.lane == "live"
+    assert all(r[0] >= T0 + 110 * MIN for r in first.rows)  # the newest ten minutes
+    b.ack(first)
+    b.put(readings(3, start=120))  # fresh readings while the backlog drains
+    nxt = b.claim(100)
+    assert nxt.lane == "live" and [r[0] for r in nxt.rows][-3:] == [T0 + (120 + i) * MIN for i in range(3)]
+    b.ack(nxt)
+    backlog = drain(b, 25)
+    ts = [r[0] for r in backlog]
+    assert ts == sorted(ts) and ts[0] == T0 and ts[-1] < T0 + 110 * MIN
+    assert b.live is None  # merged once the backlog reached the floor
+    assert b.pending() == 0 and b.stats["delivered"] == 123
+
+
+def test_live_lane_survives_restart(db_path):
+    b = Buffer(db_path, live_window_ms=10 * MIN)
+    b.put(readings(60))
+    b.ack(b.claim(100))  # the live lane's readings
+    b.close()
+    b = Buffer(db_path, live_window_ms=10 * MIN)
+    assert b.live is not None and b.pending() == 50
+    rows = drain(b)
+    assert len(rows) == 50 and max(r[0] for r in rows) < T0 + 50 * MIN
+    b.close()
+
+
+def test_late_reading_below_the_cursor_is_still_sent(buf):
+    buf.put(readings(100, start=100))
+    drain(buf)
+    buf.reclaim()
+    late = buf.put(readings(5, start=0))  # another source's older data arrives after
+    assert late.stored == 5
+    assert buf.pending() == 5
+    rows = drain(buf)
+    assert sorted(r[0] for r in rows) == [T0 + i * MIN for i in range(5)]
+    assert buf.pending() == 0
+    # and a reclaim keeps nothing that was not acknowledged
+    buf.reclaim()
+    assert buf.db.execute("SELECT count(*) FROM readings").fetchone()[0] == 0
+
+
+def test_late_reading_between_claims_in_flight(buf):
+    buf.put([reading(i) for i in range(0, 100, 2)])  # even minutes
+    c = buf.claim(10)
+    buf.put([reading(1)])  # an odd minute below the frontier, while c is in flight
+    buf.ack(c)
+    rows = drain(buf)
+    keys = [r[0] for r in rows]
+    assert T0 + MIN in keys and len(keys) == 41  # 40 remaining evens + the late one
+    assert buf.pending() == 0
+
+
+def test_late_reading_survives_restart(db_path):
+    b = Buffer(db_path, live_window_ms=10**12)
+    b.put(readings(10, start=10))
+    drain(b)
+    b.put(readings(2, start=0))
+    b.close()
+    b = Buffer(db_path, live_window_ms=10**12)
+    assert b.pending() == 2
+    assert sorted(r[0] for r in drain(b)) == [T0, T0 + MIN]
+    b.close()
+
+
+def test_release_all_hands_claims_out_again(buf):
+    buf.put(readings(30))
+    a = buf.claim(10)
+    buf.claim(10)
+    buf.ack(a)
+    buf.release_all()  # a publish failed: everything unacknowledged goes again
+    rows = drain(buf)
+    assert len(rows) == 20 and rows[0][0] == T0 + 10 * MIN
+
+
+# ---------------------------------------------------------------- budget
+
+
+def fill(b: Buffer, n: int, batch: int = 500) -> None:
+    for i in range(0, n, batch):
+        b.put(readings(batch, start=i))
+
+
+def test_budget_drop_oldest_evicts_and_counts(tmp_path):
+    b = Buffer(tmp_path / "b.db", budget_bytes=256 * 1024, policy="drop_oldest", live_window_ms=10**12)
+    fill(b, 30_000)
+    st = b.status()
+    assert st["evicted_oldest"] > 0
+    assert st["used_bytes"] <= 256 * 1024 + 64 * 1024  # within a few pages of the budget
+    assert st["rejected_newest"] == 0
+    rows = drain(b, 1000)
+    ts = [r[0] for r in rows]
+    assert ts[-1] == T0 + 29_999 * MIN  # the newest reading is kept
+    assert ts[0] > T0  # the oldest were dropped
+    assert len(rows) + st["evicted_oldest"] == 30_000  # every reading is delivered or counted
+    b.close()
+
+
+def test_budget_reject_newest_refuses_and_counts(tmp_path):
+    b = Buffer(tmp_path / "b.db", budget_bytes=256 * 1024, policy="reject_newest", live_window_ms=10**12)
+    fill(b, 30_000)
+    st = b.status()
+    assert st["rejected_newest"] > 0 and st["evicted_oldest"] == 0
+    rows = drain(b, 1000)
+    assert rows[0][0] == T0  # the oldest are kept
+    assert len(rows) + st["rejected_newest"] == 30_000
+    b.close()
+
+
+def test_budget_reclaims_acknowledged_rows_before_evicting(tmp_path):
+    b = Buffer(tmp_path / "b.db", budget_bytes=256 * 1024, policy="reject_newest", live_window_ms=10**12,
+               reclaim_every=10**9)
+    for i in range(0, 30_000, 500):
+        b.put(readings(500, start=i))
+        drain(b, 500)  # the cloud keeps up: nothing should ever be refused
+    assert b.status()["rejected_newest"] == 0
+    b.close()
+
+
+def test_status_reports_autonomy(tmp_path):
+    clock = [1_700_000_000.0]
+    b = Buffer(tmp_path / "b.db", budget_bytes=100 * 2**20, clock=lambda: clock[0], live_window_ms=10**12)
+    for i in range(10):
+        b.put(readings(100, start=i * 100))
+        clock[0] += 60  # 100 readings a minute
+    st = b.status()
+    assert st["ingest_per_h"] == pytest.approx(6000, rel=0.01)
+    expected = (st["budget_bytes"] - st["used_bytes"]) / (6000 * st["bytes_per_reading"])
+    assert st["autonomy_hours"] == pytest.approx(expected, rel=0.05)
+    assert st["pending"] == 1000 and st["oldest_pending_ts"] == T0
+    b.close()
+
+
+def test_bad_policy_is_refused(tmp_path):
+    with pytest.raises(BufferError, match=r"^policy: 'drop_newest' is not one of drop_oldest, reject_newest$"):
+        Buffer(tmp_path / "b.db", policy="drop_newest")
+
+
+# ---------------------------------------------------------------- migrations, read-only
+
+
+def test_migrations_are_recorded(buf):
+    rows = buf.db.execute("SELECT version, name FROM migrations ORDER BY version").fetchall()
+    assert rows == [(v, n) for v, n, _ in MIGRATIONS]
+    assert buf.schema_version == MIGRATIONS[-1][0]
+
+
+def test_newer_schema_is_refused(db_path):
+    Buffer(db_path).close()
+    db = sqlite3.connect(db_path)
+    db.execute("INSERT INTO migrations VALUES(99, 'from the future', 0)")
+    db.commit()
+    db.close()
+    with pytest.raises(SchemaError, match=r"schema version 99 is newer than this gateway knows \(1\)"):
+        Buffer(db_path)
+
+
+def test_readonly_status_beside_a_writer(db_path):
+    w = Buffer(db_path)
+    w.put(readings(10))
+    r = Buffer(db_path, readonly=True)
+    assert r.status()["pending"] == 10
+    w.put(readings(5, start=10))
+    assert r.pending() == 15
+    r.close()
+    w.close()
+
+
+def test_readonly_without_a_buffer_says_so(tmp_path):
+    with pytest.raises(BufferError, match=r"no buffer here"):
+        Buffer(tmp_path / "missing.db", readonly=True)
