@@ -8,7 +8,8 @@ Every error names the key path, the bad value and what is allowed::
 
 All problems are collected in one pass and raised together as
 :class:`~gateway.errors.ConfigErrors`; a bad config never starts the gateway. The same
-:func:`validate` checks a Greengrass configuration update before it is applied.
+:func:`validate` checks a Greengrass configuration update before it is applied. A key given
+twice in one mapping is refused (PyYAML would keep the last one silently).
 
 Reference (defaults in brackets)::
 
@@ -55,6 +56,7 @@ Reference (defaults in brackets)::
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -98,11 +100,13 @@ class _Checker:
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            self.fail(path, f"{_show(value)} must be a mapping")
+            self.fail(path or "top level", f"{_show(value)} must be a mapping")
             return {}
         for key in value:
             if key not in allowed:
-                self.fail(_join(path, key), f"unknown key (allowed: {', '.join(sorted(allowed))})")
+                near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                self.fail(_join(path, str(key)), f"unknown key{hint} (allowed: {', '.join(sorted(allowed))})")
         for key in sorted(required):
             if key not in value:
                 self.fail(_join(path, key), "is required")
@@ -134,8 +138,11 @@ class _Checker:
         else:
             ok = isinstance(value, kinds)
         if not ok:
-            names = " or ".join(k.__name__ for k in kinds) + (" or null" if nullable else "")
-            self.fail(where, f"{_show(value)} must be {_article(names)}")
+            hint = ""
+            if isinstance(value, str) and (int in kinds or float in kinds) and _is_number(value):
+                hint = " (YAML reads it as text: drop any quotes"
+                hint += ", and write an exponent with its sign: 1.0e+5)" if float in kinds else ")"
+            self.fail(where, f"{_show(value)} must be {_kind_names(kinds, nullable)}{hint}")
             return default
         if check is not None:
             problem = check(value)
@@ -160,19 +167,42 @@ def _join(path: str, key: str | int) -> str:
 
 
 def _show(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
+    """A value as it reads in YAML: 'text', null, true, [a, b], {type: replay}."""
+    if isinstance(value, str):
+        return repr(value)
+    if value is None or isinstance(value, (bool, list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True, width=10**9).strip().removesuffix("...").strip()
+    return str(value)
 
 
-def _article(names: str) -> str:
-    return ("an " if names[0] in "aeiou" else "a ") + names
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _kind_names(kinds: tuple, nullable: bool) -> str:
+    if int in kinds and float in kinds:
+        kinds = tuple(k for k in kinds if k is not int)
+    return " or ".join([_KIND_NAMES.get(k, k.__name__) for k in kinds] + (["null"] if nullable else []))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _num(x: float) -> str:
+    """1000000 rather than 1e+06; 0.5 stays 0.5."""
+    return str(int(x)) if float(x).is_integer() else str(x)
 
 
 def gt(bound: float) -> Callable[[Any], str | None]:
-    return lambda v: None if v > bound else f"must be > {bound:g}"
+    return lambda v: None if v > bound else f"must be > {_num(bound)}"
 
 
 def between(lo: float, hi: float) -> Callable[[Any], str | None]:
-    return lambda v: None if lo <= v <= hi else f"is out of range {lo:g}..{hi:g}"
+    return lambda v: None if lo <= v <= hi else f"is out of range {_num(lo)}..{_num(hi)}"
 
 
 def one_of(*allowed: str) -> Callable[[Any], str | None]:
@@ -187,7 +217,7 @@ def topic_level(what: str) -> Callable[[Any], str | None]:
             if bad in v:
                 return f"contains {bad!r}, which cannot stand in a topic level"
         if len(v) > 128:
-            return f"is longer than 128 characters (IoT Core's limit for a {what})"
+            return f"is {len(v)} characters long; IoT Core allows at most 128 for a {what}"
         return None
 
     return check
@@ -224,7 +254,8 @@ def validate(raw: Any, base: Path = Path(".")) -> Config:
             continue
         kind = s.get("type")
         if kind not in SOURCE_TYPES:
-            c.fail(_join(where, "type"), f"{_show(kind)} is not one of {', '.join(SOURCE_TYPES)}")
+            problem = "is required:" if kind is None else f"{_show(kind)} is not"
+            c.fail(_join(where, "type"), f"{problem} one of {', '.join(SOURCE_TYPES)}")
             continue
         if kind == "replay":
             s = c.mapping(where, s, {"type", "name", "path", "speed", "batch_size"}, {"path"})
@@ -252,15 +283,20 @@ def validate(raw: Any, base: Path = Path(".")) -> Config:
                 "start": c.get(where, s, "start", str, None, nullable=True),
             }
         if src["name"] in names:
-            c.fail(_join(where, "name"), f"{_show(src['name'])} is already the name of sources[{names[src['name']]}]")
+            hint = "" if "name" in s else " (a source's name defaults to its type: give each source a name)"
+            c.fail(_join(where, "name"),
+                   f"{_show(src['name'])} is already the name of sources[{names[src['name']]}]{hint}")
         names[src["name"]] = i
         sources.append(src)
 
     p = top.get("publisher")
     kind = p.get("type") if isinstance(p, dict) else None
     publisher: dict = {}
-    if "publisher" in top and kind not in PUBLISHER_TYPES:
-        c.fail("publisher.type", f"{_show(kind)} is not one of {', '.join(PUBLISHER_TYPES)}")
+    if "publisher" in top and p is not None and not isinstance(p, dict):
+        c.fail("publisher", f"{_show(p)} must be a mapping")
+    elif "publisher" in top and kind not in PUBLISHER_TYPES:
+        problem = "is required:" if kind is None else f"{_show(kind)} is not"
+        c.fail("publisher.type", f"{problem} one of {', '.join(PUBLISHER_TYPES)}")
     elif kind == "memory":
         c.mapping("publisher", p, {"type"})
         publisher = {"type": "memory"}
@@ -289,8 +325,9 @@ def validate(raw: Any, base: Path = Path(".")) -> Config:
         "backoff_max_s": c.get("forwarder", f, "backoff_max_s", (int, float), 60, check=gt(0)),
     }
     if forwarder["backoff_max_s"] < forwarder["backoff_min_s"]:
-        c.fail("forwarder.backoff_max_s",
-               f"{forwarder['backoff_max_s']:g} must be >= backoff_min_s ({forwarder['backoff_min_s']:g})")
+        default = "" if "backoff_max_s" in f else " (the default)"
+        c.fail("forwarder.backoff_max_s", f"{_show(forwarder['backoff_max_s'])}{default} must be >= "
+                                          f"backoff_min_s ({_show(forwarder['backoff_min_s'])})")
 
     model = _model_section(c, top) if "model" in top else None
     weather = _weather_section(c, top) if "weather" in top else None
@@ -326,14 +363,39 @@ def load(path: str | Path) -> Config:
     """Read and validate a YAML config file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read the config: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"cannot read the config: not UTF-8 (byte 0x{exc.object[exc.start]:02x} "
+                                     f"at offset {exc.start})") from exc
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow; it has no mark
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - text.rfind("\n", 0, exc.position)
+        raise ConfigError(f"{path}:{line}:{column}", f"not valid YAML: {exc.reason} (U+{exc.character:04X})") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(where, f"not valid YAML: {problem}") from exc
+    if raw is None:
+        raise ConfigError(str(path), "the config is empty (it needs at least thing, sources and publisher)")
     return validate(raw, base=path.resolve().parent)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # the base class reports unhashable keys; merges (<<) are not duplicates
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key].line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
