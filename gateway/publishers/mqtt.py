@@ -90,8 +90,8 @@ UNDELIVERABLE_PUBACKS = frozenset({
 def map_crt_error(exc: BaseException, topic: str = "") -> PublishError:
     """The gateway error for an exception out of awscrt (raise it ``from exc``).
 
-    Validation errors (:data:`UNDELIVERABLE_CRT_ERRORS`) and non-awscrt exceptions raised by
-    the binding for a bad argument (TypeError, ValueError, OverflowError) are undeliverable;
+    Validation errors (:data:`UNDELIVERABLE_CRT_ERRORS`) and the builtins that mean a bad
+    argument (TypeError, ValueError, OverflowError) are undeliverable;
     every other awscrt error (connection, TLS, timeout, offline queue policy, stop) and
     cancellation is retryable.
     """
@@ -103,10 +103,14 @@ def map_crt_error(exc: BaseException, topic: str = "") -> PublishError:
             err: PublishError = UndeliverableError(f"awscrt rejected the publish{where}: {exc.name}: {exc.message}")
         else:
             err = RetryableError(f"publish{where} failed: {exc.name}: {exc.message}")
-    elif isinstance(exc, (TypeError, ValueError, OverflowError)):
-        err = UndeliverableError(f"awscrt rejected the publish{where}: {type(exc).__name__}: {exc}")
     else:
-        err = RetryableError(f"publish{where} failed: {type(exc).__name__}: {exc}")
+        # from_code() turns a few awscrt codes into builtins (ValueError for
+        # AWS_ERROR_INVALID_ARGUMENT, BrokenPipeError, MemoryError...), often without a message.
+        what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if isinstance(exc, (TypeError, ValueError, OverflowError)):
+            err = UndeliverableError(f"awscrt rejected the publish{where}: {what}")
+        else:
+            err = RetryableError(f"publish{where} failed: {what}")
     err.__cause__ = exc
     return err
 
