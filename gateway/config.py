@@ -171,7 +171,8 @@ def _show(value: Any) -> str:
     if isinstance(value, str):
         return repr(value)
     if value is None or isinstance(value, (bool, list, dict)):
-        return yaml.safe_dump(value, default_flow_style=True, width=10**9).strip().removesuffix("...").strip()
+        text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**9)
+        return text.strip().removesuffix("...").strip()
     return str(value)
 
 
