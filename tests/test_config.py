@@ -1,0 +1,338 @@
+"""The config validator: a corpus of bad configs and the exact message each one gets.
+
+Every case is YAML text written next to a ``readings.csv`` in tmp_path and loaded with
+:func:`gateway.config.load`, so relative paths resolve against the config's folder as they do
+in production. Messages name the key path, the bad value (as written) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from gateway.config import Config, load, validate
+from gateway.errors import ConfigError, ConfigErrors
+
+MINIMAL = """\
+thing: gw-test-01
+sources:
+  - type: replay
+    path: readings.csv
+publisher: {type: memory}
+"""
+
+TOP_KEYS = "app, buffer, forwarder, log_level, model, publisher, sites, sources, thing, weather"
+BUFFER_KEYS = "budget_mb, live_window_s, path, policy, synchronous"
+REPLAY_KEYS = "batch_size, name, path, speed, type"
+FORWARDER_KEYS = "ack_timeout_s, backoff_max_s, backoff_min_s, batch_size, claim_size, window"
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """A config folder holding the replay file that MINIMAL points at."""
+    (tmp_path / "readings.csv").write_text("building_id,meter,timestamp,meter_reading\n")
+    return tmp_path
+
+
+def write(folder: Path, text: str, name: str = "gw.yaml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def errors(folder: Path, text: str) -> list[str]:
+    """The messages of the ConfigErrors that ``text`` raises, in order."""
+    with pytest.raises(ConfigErrors) as info:
+        load(write(folder, text))
+    assert str(info.value) == "\n".join(str(e) for e in info.value.errors)
+    return [str(e) for e in info.value.errors]
+
+
+def exactly(message: str) -> str:
+    return rf"^{re.escape(message)}$"
+
+
+# ---------------------------------------------------------------- a good config
+
+
+def test_minimal_config_fills_defaults(folder):
+    config = load(write(folder, MINIMAL))
+    assert isinstance(config, Config)
+    assert (config.thing, config.app, config.log_level) == ("gw-test-01", "meters", "INFO")
+    assert config.base == folder.resolve()
+    assert config.buffer == {
+        "path": folder.resolve() / "var/buffer.db",
+        "budget_bytes": 1024 * 2**20,
+        "policy": "drop_oldest",
+        "live_window_ms": 300_000,
+        "synchronous": "full",
+    }
+    assert config.sources == [
+        {"type": "replay", "name": "replay", "path": folder.resolve() / "readings.csv", "speed": None,
+         "batch_size": 1000},
+    ]
+    assert config.publisher == {"type": "memory"}
+    assert config.forwarder == {"batch_size": 100, "claim_size": 1000, "window": 64, "ack_timeout_s": 30,
+                                "backoff_min_s": 0.5, "backoff_max_s": 60}
+    assert config.model is None and config.weather is None
+
+
+def test_relative_paths_resolve_against_the_config_folder_not_the_cwd(folder, tmp_path_factory, monkeypatch):
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    (folder / "certs").mkdir()
+    for name in ("gw.crt", "gw.key", "ca.crt"):
+        (folder / "certs" / name).write_text("pem")
+    absolute = folder / "readings.csv"
+    config = load(write(folder, f"""\
+thing: gw-test-01
+buffer: {{path: state/buf.db, budget_mb: 0.5, policy: reject_newest, live_window_s: 1.5}}
+sources:
+  - {{type: replay, name: a, path: readings.csv, speed: 3600}}
+  - {{type: replay, name: b, path: {absolute}}}
+  - {{type: simulator, labels_path: out/labels.csv}}
+publisher: {{type: mqtt, endpoint: localhost, cert: certs/gw.crt, key: certs/gw.key, ca: certs/ca.crt}}
+"""))
+    base = folder.resolve()
+    assert config.buffer["path"] == base / "state/buf.db"
+    assert (config.buffer["budget_bytes"], config.buffer["policy"]) == (2**19, "reject_newest")
+    assert config.buffer["live_window_ms"] == 1500
+    assert [s["path"] for s in config.sources[:2]] == [base / "readings.csv", absolute]
+    assert config.sources[0]["speed"] == 3600.0 and isinstance(config.sources[0]["speed"], float)
+    sim = config.sources[2]
+    assert (sim["name"], sim["meters"], sim["interval_s"], sim["speed"], sim["seed"], sim["count"]) == (
+        "simulator", 2380, 60, 1.0, 1, None)
+    assert sim["labels_path"] == base / "out/labels.csv"  # need not exist yet
+    assert config.publisher == {"type": "mqtt", "endpoint": "localhost", "port": 8883, "local": False,
+                                "cert": base / "certs/gw.crt", "key": base / "certs/gw.key",
+                                "ca": base / "certs/ca.crt"}
+
+
+def test_a_thing_name_of_exactly_128_characters_is_allowed(folder):
+    assert load(write(folder, MINIMAL.replace("gw-test-01", "x" * 128))).thing == "x" * 128
+
+
+def test_validate_checks_an_already_parsed_update(folder):
+    """The Greengrass path: a dict, no file; paths still resolve against ``base``."""
+    raw = {"thing": "gw-1", "sources": [{"type": "replay", "path": "readings.csv"}], "publisher": {"type": "memory"}}
+    assert validate(raw, base=folder).sources[0]["path"] == folder / "readings.csv"
+    raw["forwarder"] = {"window": 0}
+    with pytest.raises(ConfigErrors, match=exactly("forwarder.window: 0 is out of range 1..10000")):
+        validate(raw, base=folder)
+
+
+# ---------------------------------------------------------------- the bad-config corpus
+
+CASES = [
+    # missing required sections
+    ("missing-required", "app: meters\n",
+     ["publisher: is required", "sources: is required", "thing: is required"]),
+    ("null-section", MINIMAL.replace("publisher: {type: memory}", "publisher:"),
+     ["publisher.type: is required: one of mqtt, memory"]),
+    ("publisher-without-type", MINIMAL.replace("{type: memory}", "{}"),
+     ["publisher.type: is required: one of mqtt, memory"]),
+    ("publisher-unknown-type", MINIMAL.replace("{type: memory}", "{type: kafka}"),
+     ["publisher.type: 'kafka' is not one of mqtt, memory"]),
+    ("mqtt-missing-keys", MINIMAL.replace("{type: memory}", "{type: mqtt, endpoint: '', port: 70000, cert: c.pem}"),
+     ["publisher.ca: is required", "publisher.key: is required", "publisher.endpoint: '' must not be empty",
+      "publisher.port: 70000 is out of range 1..65535", "publisher.cert: c.pem does not exist"]),
+    ("source-without-type", MINIMAL.replace("  - type: replay\n    path", "  - path"),
+     ["sources[0].type: is required: one of replay, simulator"]),
+    ("source-unknown-type", MINIMAL.replace("type: replay", "type: modbus"),
+     ["sources[0].type: 'modbus' is not one of replay, simulator"]),
+    ("replay-without-path", MINIMAL.replace("    path: readings.csv\n", ""),
+     ["sources[0].path: is required"]),
+    # unknown keys, with a suggestion when one is close
+    ("typo-top-level", MINIMAL + "log_levl: DEBUG\n",
+     [f"log_levl: unknown key; did you mean 'log_level'? (allowed: {TOP_KEYS})"]),
+    ("typo-nested", MINIMAL + "buffer: {polcy: drop_oldest}\n",
+     [f"buffer.polcy: unknown key; did you mean 'policy'? (allowed: {BUFFER_KEYS})"]),
+    ("typo-in-a-list-item", MINIMAL.replace("path: readings.csv", "path: readings.csv\n    sped: 10"),
+     [f"sources[0].sped: unknown key; did you mean 'speed'? (allowed: {REPLAY_KEYS})"]),
+    ("unknown-nothing-close", MINIMAL + "forwarder: {colour: red}\n",
+     [f"forwarder.colour: unknown key (allowed: {FORWARDER_KEYS})"]),
+    ("key-of-another-publisher-type", MINIMAL.replace("{type: memory}", "{type: memory, endpoint: localhost}"),
+     ["publisher.endpoint: unknown key (allowed: type)"]),
+    # wrong types, shown as written in YAML
+    ("string-where-int", MINIMAL + "forwarder: {batch_size: '50'}\n",
+     ["forwarder.batch_size: '50' must be an integer (YAML reads it as text: drop any quotes)"]),
+    ("bool-where-int", MINIMAL + "forwarder: {window: true}\n",
+     ["forwarder.window: true must be an integer"]),
+    ("float-where-int", MINIMAL + "forwarder: {claim_size: 1.5}\n",
+     ["forwarder.claim_size: 1.5 must be an integer"]),
+    ("bool-where-number", MINIMAL.replace("path: readings.csv", "path: readings.csv\n    speed: yes"),
+     ["sources[0].speed: true must be a number or null"]),
+    ("word-where-number", MINIMAL.replace("path: readings.csv", "path: readings.csv\n    speed: fast"),
+     ["sources[0].speed: 'fast' must be a number or null"]),
+    ("exponent-without-sign", MINIMAL.replace("path: readings.csv", "path: readings.csv\n    speed: 1e5"),
+     ["sources[0].speed: '1e5' must be a number or null (YAML reads it as text: drop any quotes, "
+      "and write an exponent with its sign: 1.0e+5)"]),
+    ("int-where-string", MINIMAL.replace("gw-test-01", "12"), ["thing: 12 must be a string"]),
+    ("null-where-string", MINIMAL.replace("thing: gw-test-01", "thing:"), ["thing: null must be a string"]),
+    ("list-where-mapping", MINIMAL + "buffer: [path, var/b.db]\n",
+     ["buffer: [path, var/b.db] must be a mapping"]),
+    ("string-where-mapping", MINIMAL.replace("publisher: {type: memory}", "publisher: memory"),
+     ["publisher: 'memory' must be a mapping"]),
+    ("string-where-list-item", MINIMAL.replace("  - type: replay\n    path: readings.csv", "  - readings.csv"),
+     ["sources[0]: 'readings.csv' must be a mapping"]),
+    ("mapping-where-list", MINIMAL.replace("  - type: replay\n    path: readings.csv",
+                                           "  type: replay\n  path: readings.csv"),
+     ["sources: {type: replay, path: readings.csv} must be a non-empty list"]),
+    ("empty-list", MINIMAL.replace("  - type: replay\n    path: readings.csv", "  []"),
+     ["sources: [] must be a non-empty list"]),
+    # values out of range or not allowed
+    ("batch-size-too-big", MINIMAL + "forwarder: {batch_size: 101}\n",
+     ["forwarder.batch_size: 101 is out of range 1..100"]),
+    ("batch-size-zero", MINIMAL + "forwarder: {batch_size: 0}\n",
+     ["forwarder.batch_size: 0 is out of range 1..100"]),
+    ("big-bounds-read-as-integers", MINIMAL.replace("publisher:", "  - {type: simulator, meters: 0, anomaly_rate: 1.5}"
+                                                                  "\npublisher:"),
+     ["sources[1].meters: 0 is out of range 1..1000000", "sources[1].anomaly_rate: 1.5 is out of range 0..1"]),
+    ("negative-float", MINIMAL + "buffer: {live_window_s: -0.5, budget_mb: 0}\n",
+     ["buffer.budget_mb: 0 must be > 0", "buffer.live_window_s: -0.5 must be > 0"]),
+    ("policy-not-allowed", MINIMAL + "buffer: {policy: drop_newest}\n",
+     ["buffer.policy: 'drop_newest' is not one of drop_oldest, reject_newest"]),
+    ("log-level-is-case-sensitive", MINIMAL + "log_level: info\n",
+     ["log_level: 'info' is not one of DEBUG, INFO, WARNING, ERROR"]),
+    # files that must exist
+    ("replay-file-missing", MINIMAL.replace("path: readings.csv", "path: nope.csv"),
+     ["sources[0].path: nope.csv does not exist"]),
+    ("model-and-weather-files", MINIMAL + "model: {buildings: readings.csv}\nweather: {path: w.json}\n",
+     ["model.path: is required", "weather.path: w.json does not exist"]),
+    # cross-field checks
+    ("duplicate-default-names", MINIMAL.replace("publisher:", "  - {type: replay, path: readings.csv}\npublisher:"),
+     ["sources[1].name: 'replay' is already the name of sources[0] "
+      "(a source's name defaults to its type: give each source a name)"]),
+    ("duplicate-explicit-names", MINIMAL.replace("path: readings.csv", "path: readings.csv\n    name: a").replace(
+        "publisher:", "  - {type: simulator, name: b}\n  - {type: simulator, name: a}\npublisher:"),
+     ["sources[2].name: 'a' is already the name of sources[0]"]),
+    ("backoff-max-below-min", MINIMAL + "forwarder: {backoff_min_s: 5, backoff_max_s: 2}\n",
+     ["forwarder.backoff_max_s: 2 must be >= backoff_min_s (5)"]),
+    ("backoff-min-above-default-max", MINIMAL + "forwarder: {backoff_min_s: 90.5}\n",
+     ["forwarder.backoff_max_s: 60 (the default) must be >= backoff_min_s (90.5)"]),
+    # the shape of the whole file
+    ("top-level-list", "- thing: gw-test-01\n- publisher: {type: memory}\n",
+     ["top level: [{thing: gw-test-01}, {publisher: {type: memory}}] must be a mapping"]),
+    ("top-level-scalar", "gw-test-01\n", ["top level: 'gw-test-01' must be a mapping"]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_config_is_refused_with_exact_messages(folder, text, expected):
+    assert errors(folder, text) == expected
+
+
+@pytest.mark.parametrize(("thing", "message"), [
+    ("gw/01", "thing: 'gw/01' contains '/', which cannot stand in a topic level"),
+    ("gw+01", "thing: 'gw+01' contains '+', which cannot stand in a topic level"),
+    ("'gw#01'", "thing: 'gw#01' contains '#', which cannot stand in a topic level"),
+    ("''", "thing: '' must not be empty"),
+    ("x" * 129, f"thing: '{'x' * 129}' is 129 characters long; IoT Core allows at most 128 for a thing"),
+])
+def test_thing_must_be_one_topic_level(folder, thing, message):
+    with pytest.raises(ConfigErrors, match=exactly(message)):
+        load(write(folder, MINIMAL.replace("gw-test-01", thing)))
+
+
+def test_app_is_checked_like_thing(folder):
+    with pytest.raises(ConfigErrors, match=exactly("app: 'a/b' contains '/', which cannot stand in a topic level")):
+        load(write(folder, MINIMAL + "app: a/b\n"))
+
+
+def test_speed_shows_the_value_as_written_not_as_a_float(folder):
+    text = MINIMAL.replace("publisher:", "  - {type: replay, name: fast, path: readings.csv, speed: -3}\npublisher:")
+    with pytest.raises(ConfigErrors, match=exactly("sources[1].speed: -3 must be > 0")) as info:
+        load(write(folder, text))
+    (error,) = info.value.errors
+    assert (error.path, error.message) == ("sources[1].speed", "-3 must be > 0")
+
+
+def test_several_errors_are_reported_at_once_one_per_line(folder):
+    text = """\
+thing: gw/01
+buffer: {policy: drop_newest, polcy: x}
+sources:
+  - {type: replay, path: readings.csv}
+  - {type: replay, name: second, path: nope.csv, speed: -3}
+publisher: {type: memory}
+forwarder: {batch_size: 101, backoff_min_s: 5, backoff_max_s: 2}
+"""
+    with pytest.raises(ConfigErrors) as info:
+        load(write(folder, text))
+    assert str(info.value) == (
+        "thing: 'gw/01' contains '/', which cannot stand in a topic level\n"
+        f"buffer.polcy: unknown key; did you mean 'policy'? (allowed: {BUFFER_KEYS})\n"
+        "buffer.policy: 'drop_newest' is not one of drop_oldest, reject_newest\n"
+        "sources[1].path: nope.csv does not exist\n"
+        "sources[1].speed: -3 must be > 0\n"
+        "forwarder.batch_size: 101 is out of range 1..100\n"
+        "forwarder.backoff_max_s: 2 must be >= backoff_min_s (5)"
+    )
+    assert [e.path for e in info.value.errors] == [
+        "thing", "buffer.polcy", "buffer.policy", "sources[1].path", "sources[1].speed",
+        "forwarder.batch_size", "forwarder.backoff_max_s",
+    ]
+    assert isinstance(info.value, ConfigError)  # one except clause catches one error and many
+
+
+# ---------------------------------------------------------------- the file itself
+
+
+def test_invalid_yaml_names_file_line_and_column(folder):
+    path = write(folder, "thing: gw-test-01\nsources: [\n  {type: replay\npublisher: {type: memory}\n")
+    with pytest.raises(ConfigError, match=exactly(f"{path}:4:10: not valid YAML: expected ',' or '}}', but got ':'")):
+        load(path)
+
+
+def test_bad_indentation_names_file_line_and_column(folder):
+    path = write(folder, "thing: gw-test-01\n  app: meters\n")
+    with pytest.raises(ConfigError, match=exactly(f"{path}:2:6: not valid YAML: mapping values are not allowed here")):
+        load(path)
+
+
+def test_a_character_yaml_forbids_names_its_place(folder):
+    path = write(folder, "thing: gw\x00\n")
+    with pytest.raises(ConfigError, match=exactly(f"{path}:1:10: not valid YAML: special characters are not "
+                                                  "allowed (U+0000)")):
+        load(path)
+
+
+def test_a_key_given_twice_is_refused(folder):
+    path = write(folder, MINIMAL + "buffer: {path: a.db}\nbuffer: {path: b.db}\n")
+    with pytest.raises(ConfigError, match=exactly(f"{path}:7:1: not valid YAML: duplicate key 'buffer' "
+                                                  "(first on line 6)")):
+        load(path)
+
+
+def test_missing_config_file(folder):
+    path = folder / "absent.yaml"
+    with pytest.raises(ConfigError, match=exactly(f"{path}: cannot read the config: No such file or directory")):
+        load(path)
+
+
+def test_unreadable_config_path(folder):
+    with pytest.raises(ConfigError, match=exactly(f"{folder}: cannot read the config: Is a directory")):
+        load(folder)
+
+
+def test_config_that_is_not_utf8(folder):
+    path = folder / "latin1.yaml"
+    path.write_bytes("thing: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=exactly(f"{path}: cannot read the config: not UTF-8 (byte 0xe9 "
+                                                  "at offset 10)")):
+        load(path)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(folder):
+    path = folder / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + MINIMAL.encode())
+    assert load(path).thing == "gw-test-01"
+
+
+@pytest.mark.parametrize("text", ["", "# nothing but a comment\n\n"], ids=["empty", "comments-only"])
+def test_empty_config_file(folder, text):
+    path = write(folder, text)
+    with pytest.raises(ConfigError, match=exactly(f"{path}: the config is empty (it needs at least thing, "
+                                                  "sources and publisher)")):
+        load(path)
