@@ -194,7 +194,7 @@ class Buffer:
         try:
             if readonly:  # for `gateway status` beside a running gateway: changes nothing
                 if not self.path.exists():
-                    raise BufferError(f"{self.path}: no buffer here (has the gateway run with this config?)")
+                    raise BufferError(f"{self.path}: no buffer here (has the gateway run with this buffer path?)")
                 self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
                                           check_same_thread=False)
             else:
@@ -268,6 +268,7 @@ class Buffer:
         self.live = _Lane("live", tuple(live[1]), tuple(live[1])) if live else None
         self._next_claim_id = 1
         self._since_reclaim = 0
+        self.live_floors: list[Key] = []  # every live lane opened by this process, in order
         self._rate = _Rate()
         self._delivery_rate = _Rate()
         if self.readonly:
@@ -567,6 +568,7 @@ class Buffer:
         if floor <= self.backlog.frontier:
             return
         self.live_floor = floor
+        self.live_floors.append(floor)
         self.live = _Lane("live", floor, floor)
         self._persist_lanes()
 
@@ -734,6 +736,8 @@ class Buffer:
             oldest = self.oldest_pending_ts()
             now_ms = int(self.clock() * 1000)
             rate_h = self.stats.get("ingest_per_h") or 0.0
+            if now_ms - (self.stats.get("stored_at") or 0) > self._rate.window_ms:
+                rate_h = 0.0  # nothing stored for a while: no current rate to project
             stored_rows = self.db.execute("SELECT count(*) FROM readings").fetchone()[0]
             bytes_per_reading = used / stored_rows if stored_rows else 40.0
             free = max(self.budget_bytes - used, 0)

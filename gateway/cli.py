@@ -18,9 +18,10 @@ import click
 from gateway.errors import ConfigError, GatewayError
 
 
-def _fail(exc: BaseException) -> None:
+def _fail(exc: BaseException, config_path: str | None = None) -> None:
     if isinstance(exc, ConfigError):
-        click.echo(f"error: invalid config:\n{exc}", err=True)
+        where = f" {config_path}" if config_path else ""
+        click.echo(f"error: invalid config{where}:\n{exc}", err=True)
     else:
         click.echo(f"error: {exc}", err=True)
     sys.exit(2)
@@ -49,7 +50,7 @@ def run(config_path: str, exit_when_idle: bool, check: bool) -> None:
     try:
         config = cfg.load(config_path)
     except GatewayError as exc:
-        _fail(exc)
+        _fail(exc, config_path)
     if check:
         click.echo(f"{config_path}: ok")
         return
@@ -64,16 +65,23 @@ def run(config_path: str, exit_when_idle: bool, check: bool) -> None:
         gw.stop_event.set()
         gw.forwarder.wake.set()
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    gw.start()
-    gw.wait(until_idle=exit_when_idle)
-    gw.stop()
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        gw.start()
+        gw.wait(until_idle=exit_when_idle)
+        gw.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     f = gw.forwarder
     click.echo(
         f"stopped: {gw.buffer.stats['stored']} stored, {gw.buffer.stats['delivered']} delivered, "
         f"{gw.buffer.stats['quarantined']} quarantined, {f.published} messages published"
     )
+    for name, error in gw.source_errors.items():
+        click.echo(f"error: source {name} stopped: {error}", err=True)
+    if gw.source_errors:
+        sys.exit(1)
 
 
 def _open_buffer(config_path: str | None, db: str | None):
@@ -101,7 +109,7 @@ def status(config_path: str | None, db: str | None, as_json: bool) -> None:
         st = buf.status()
         buf.close()
     except GatewayError as exc:
-        _fail(exc)
+        _fail(exc, config_path)
     if as_json:
         click.echo(json.dumps(st))
         return
@@ -143,7 +151,7 @@ def quarantine(config_path: str | None, db: str | None, limit: int, kind: str | 
         rows = buf.quarantined(limit=limit, kind=kind)
         buf.close()
     except GatewayError as exc:
-        _fail(exc)
+        _fail(exc, config_path)
     if as_json:
         for r in rows:
             click.echo(json.dumps(r))

@@ -46,8 +46,8 @@ sources:
 publisher: {{type: memory}}
 forwarder: {{batch_size: 101}}
 """
-BAD_STDERR = (
-    "error: invalid config:\n"
+BAD_STDERR_AT = (
+    "error: invalid config {path}:\n"
     "sources[1].speed: -3 must be > 0\n"
     "forwarder.batch_size: 101 is out of range 1..100\n"
 )
@@ -92,7 +92,7 @@ def test_bad_config_exits_2_and_never_starts_the_gateway(tmp_path):
     (tmp_path / "bad.yaml").write_text(BAD)
     proc = subprocess.run([str(GATEWAY), "run", "--config", "bad.yaml"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", BAD_STDERR)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", BAD_STDERR_AT.format(path="bad.yaml"))
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["bad.yaml"]  # no var/, no buffer.db
 
 
@@ -108,13 +108,13 @@ def test_check_refuses_a_bad_config(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text(BAD)
     result = invoke("run", "--config", config, "--check")
-    assert (result.exit_code, result.stdout, result.stderr) == (2, "", BAD_STDERR)
+    assert (result.exit_code, result.stdout, result.stderr) == (2, "", BAD_STDERR_AT.format(path=config))
 
 
 def test_run_with_a_missing_config_file(tmp_path):
     result = invoke("run", "--config", tmp_path / "absent.yaml")
     assert result.exit_code == 2
-    assert result.stderr == (f"error: invalid config:\n{tmp_path / 'absent.yaml'}: cannot read the config: "
+    assert result.stderr == (f"error: invalid config {tmp_path / 'absent.yaml'}:\n{tmp_path / 'absent.yaml'}: cannot read the config: "
                              "No such file or directory\n")
 
 
@@ -191,7 +191,7 @@ def test_status_of_a_missing_buffer_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("status", "--db", "missing.db")
     assert (result.exit_code, result.stdout) == (2, "")
-    assert result.stderr == "error: missing.db: no buffer here (has the gateway run with this config?)\n"
+    assert result.stderr == "error: missing.db: no buffer here (has the gateway run with this buffer path?)\n"
     assert not Path("missing.db").exists()
 
 
@@ -201,7 +201,7 @@ def test_status_never_creates_the_buffer_of_a_config(tmp_path):
     result = invoke("status", "--config", config)
     db = tmp_path.resolve() / "var" / "buffer.db"
     assert (result.exit_code, result.stdout) == (2, "")
-    assert result.stderr == f"error: {db}: no buffer here (has the gateway run with this config?)\n"
+    assert result.stderr == f"error: {db}: no buffer here (has the gateway run with this buffer path?)\n"
     assert not (tmp_path / "var").exists()
 
 
@@ -215,7 +215,7 @@ def test_status_with_a_bad_config(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text(BAD)
     result = invoke("status", "--config", config)
-    assert (result.exit_code, result.stdout, result.stderr) == (2, "", BAD_STDERR)
+    assert (result.exit_code, result.stdout, result.stderr) == (2, "", BAD_STDERR_AT.format(path=config))
 
 
 # ---------------------------------------------------------------- quarantine

@@ -1,0 +1,190 @@
+"""End to end against a real mosquitto: kill -9 crashes, a broker outage, the bundled sample.
+
+These drive the real ``gateway run`` (a subprocess, for the crash test) or the real
+:class:`~gateway.runner.Gateway` with the real MQTT5 publisher, and count what arrived at the
+broker against what the source produced.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.config import validate
+from gateway.messages import decode
+from gateway.runner import Gateway
+from gateway.sources.replay import ReplaySource
+from gateway.sources.simulator import SimulatorSource
+
+from conftest import THING, publisher_for
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample" / "readings.csv.gz"
+START = "2026-01-01T00:00:00Z"
+START_MS = 1_767_225_600_000
+
+
+def keys_of(messages) -> list[tuple[str, int]]:
+    return [(r[0], r[1]) for m in messages for r in decode(m.payload)["readings"]]
+
+
+def write_config(tmp_path: Path, broker, certs, sources: list[dict], **extra) -> Path:
+    client = certs.client(THING)
+    conf = {
+        "thing": THING,
+        "buffer": {"path": str(tmp_path / "buffer.db"), **extra.pop("buffer", {})},
+        "sources": sources,
+        "publisher": {"type": "mqtt", "endpoint": "localhost", "port": broker.port, "cert": str(client.cert),
+                      "key": str(client.key), "ca": str(certs.ca), "local": True},
+        "forwarder": {"window": 16, "claim_size": 500, "backoff_min_s": 0.05, "backoff_max_s": 0.5,
+                      **extra.pop("forwarder", {})},
+        **extra,
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def expected_simulator_keys(meters: int, ticks: int) -> set[tuple[str, int]]:
+    src = SimulatorSource("sim", meters=meters, seed=3, start_ms=START_MS, speed=None, count=ticks)
+    return {(r.meter_id, r.ts) for b in src.batches(None, threading.Event()) for r in b.readings}
+
+
+def test_kill_dash_nine_loses_nothing(tmp_path, broker, certs, subscriber):
+    """kill -9 a real `gateway run` at random moments; then every reading arrives, and
+    duplicates stay within what was in flight at each kill."""
+    meters, ticks = 100, 400  # 40,000 readings at 10,000 a second of wall time
+    config = write_config(tmp_path, broker, certs, [{
+        "type": "simulator", "name": "sim", "meters": meters, "seed": 3, "start": START,
+        "speed": 6000.0, "count": ticks,
+    }])
+    expected = expected_simulator_keys(meters, ticks)
+    rng = random.Random(20261129)
+    cmd = [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    kills = 0
+    log = open(tmp_path / "gateway.log", "ab")
+    for threshold in sorted(rng.sample(range(2_000, 36_000), 4)):
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=REPO)
+        reached = subscriber.wait_for(lambda msgs: len(keys_of(msgs)) >= threshold, timeout=60)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert reached, f"stalled before {threshold} readings: {(tmp_path / 'gateway.log').read_text()[-2000:]}"
+        kills += 1
+    final = subprocess.run(cmd + ["--exit-when-idle"], stdout=log, stderr=log, env=env, cwd=REPO, timeout=120)
+    assert final.returncode == 0, (tmp_path / "gateway.log").read_text()[-3000:]
+    if not subscriber.wait_for(lambda msgs: set(keys_of(msgs)) >= expected, timeout=30):
+        lost = sorted(expected - set(keys_of(subscriber.snapshot())), key=lambda k: k[1])
+        ticks_lost = sorted({ts for _, ts in lost})
+        raise AssertionError(
+            f"lost {len(lost)} readings in {len(ticks_lost)} ticks "
+            f"{[(t - START_MS) // 60000 for t in ticks_lost][:50]}; log:\n"
+            + (tmp_path / "gateway.log").read_text()[-4000:])
+    received = keys_of(subscriber.snapshot())
+    assert set(received) == expected  # nothing lost, nothing invented
+    duplicates = len(received) - len(set(received))
+    in_flight_bound = 16 * 100 + 500  # window × readings per message + one claim
+    assert duplicates <= kills * in_flight_bound, f"{duplicates} duplicates after {kills} kills"
+
+
+class GatedPublisher:
+    """The real publisher, but `connected` stays False until the test opens the gate.
+
+    It keeps the forwarder from publishing after a broker restart before the test's
+    subscriber has subscribed again (the subscriber, not the gateway, would miss messages).
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.local = inner.local
+        self.gate = threading.Event()
+        self.gate.set()
+
+    @property
+    def connected(self) -> bool:
+        return self.gate.is_set() and self.inner.connected
+
+    def publish(self, topic, payload, qos=1):
+        return self.inner.publish(topic, payload, qos)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_broker_outage_delivers_everything_live_first_then_backlog_in_order(tmp_path, broker, certs, subscriber):
+    meters, ticks = 50, 300  # 15,000 readings; 20 ticks a second of wall time
+    config = validate(yaml.safe_load(write_config(
+        tmp_path, broker, certs,
+        [{"type": "simulator", "name": "sim", "meters": meters, "seed": 3, "start": START,
+          "speed": 1200.0, "count": ticks}],
+        buffer={"live_window_s": 600},
+    ).read_text()), base=tmp_path)
+    pub = GatedPublisher(publisher_for(broker, certs).start())
+    gw = Gateway(config, publisher=pub).start()
+    try:
+        assert subscriber.wait_for(lambda msgs: len(keys_of(msgs)) >= 2_000, timeout=30)
+        broker.stop()
+        pub.gate.clear()
+        before = len(subscriber.snapshot())
+        delivered_before = {k for k in keys_of(subscriber.snapshot())}
+        # The outage lasts until 40 ticks are waiting: a backlog four times the live window.
+        stored = threading.Condition()
+
+        def notify():
+            with stored:
+                stored.notify_all()
+
+        gw.buffer.add_listener(notify)
+        with stored:
+            assert stored.wait_for(lambda: gw.buffer.pending() >= 40 * meters, timeout=60)
+        broker.start()
+        subscriber.wait_subscribed(30)
+        pub.inner.wait_connected(30)
+        floors_before = len(gw.buffer.live_floors)
+        pub.gate.set()
+        assert gw.wait(until_idle=True, timeout=120), gw.status()
+    finally:
+        gw.stop()
+    expected = expected_simulator_keys(meters, ticks)
+    assert subscriber.wait_for(lambda msgs: set(keys_of(msgs)) >= expected, timeout=30)
+    received = keys_of(subscriber.snapshot())
+    assert set(received) == expected
+
+    # Order after the outage: the first messages are live readings (inside the live window,
+    # above the floor the buffer chose), and the backlog below the floor arrives in time order.
+    assert len(gw.buffer.live_floors) > floors_before, "no live lane was opened after the outage"
+    floor_ts = gw.buffer.live_floors[floors_before][0]
+    after = [(m.topic, r[0], r[1]) for m in subscriber.snapshot()[before:] for r in decode(m.payload)["readings"]]
+    after = [(t, meter, ts) for t, meter, ts in after if (meter, ts) not in delivered_before]
+    assert after[0][2] > floor_ts, "the first reading after the outage is not a live one"
+    backlog: dict[str, list[int]] = {}
+    for t, _, ts in after:
+        if ts <= floor_ts:
+            backlog.setdefault(t, []).append(ts)
+    assert sum(map(len, backlog.values())) >= 30 * meters, "the outage left no backlog"
+    for t, seq in backlog.items():  # a claim is one message per site: order holds per site topic
+        assert seq == sorted(seq), f"the backlog on {t} did not arrive in time order"
+
+
+def test_run_on_the_bundled_sample_delivers_every_valid_reading(tmp_path, broker, certs, subscriber):
+    config = write_config(tmp_path, broker, certs, [{"type": "replay", "name": "sample", "path": str(SAMPLE)}])
+    expected = set()
+    rejected = 0
+    for batch in ReplaySource("sample", SAMPLE).batches(None, threading.Event()):
+        expected |= {(r.meter_id, r.ts) for r in batch.readings}
+        rejected += len(batch.rejected)
+    assert rejected == 1 and len(expected) == 11_133
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "run", "--config", str(config), "--exit-when-idle"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert subscriber.wait_for(lambda msgs: set(keys_of(msgs)) >= expected, timeout=30)
+    assert set(keys_of(subscriber.snapshot())) == expected
+    assert "11133 stored, 11133 delivered, 1 quarantined" in out.stdout
