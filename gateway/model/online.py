@@ -1,0 +1,234 @@
+"""Per-meter online learning: correct the model with each meter's recent residuals, and score anomalies.
+
+For each meter the gateway keeps its last :attr:`MeterStats.window` residuals (log1p space,
+``log_actual − log_pred``) in a ring buffer. A reading is judged only against residuals of
+readings *before* it:
+
+- expected value (log1p space) = model prediction + a robust recent offset: a weighted blend of
+  the last two residuals (each clipped to within ``clip`` robust scales of the window median,
+  so one spike cannot drag the next expectations) and the medians of the last 6, 12 and 24;
+- anomaly score = ``|log_actual − expected| / scale``, where scale is the window's MAD × 1.4826
+  floored at :attr:`MeterStats.min_scale` (a flat meter must not turn every wiggle into an alarm);
+- anomaly flag = score ≥ :attr:`MeterStats.threshold`.
+
+A meter with no history gets the model's prediction and a score measured against
+:attr:`MeterStats.cold_scale`. State is numpy arrays indexed by meter (no per-reading Python
+work inside a batch), and persists in the SQLite table ``meter_stats``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+
+from gateway.errors import ModelError
+
+#: (term, weight) of the offset blend; fitted by least squares on held-out buildings, then rounded.
+OFFSET_WEIGHTS: tuple[tuple[str, float], ...] = (
+    ("last", 0.35),
+    ("last2", 0.15),
+    ("med6", 0.20),
+    ("med12", 0.15),
+    ("med24", 0.15),
+)
+_MAD_TO_SIGMA = 1.4826
+
+
+class MeterStats:
+    """Online residual statistics of every meter, updated in batches.
+
+    ``update`` processes a batch in order: readings of the same meter within one batch each
+    see the ones before them.
+    """
+
+    def __init__(
+        self,
+        window: int = 24,
+        threshold: float = 3.0,
+        min_scale: float = 0.5,
+        cold_scale: float = 1.0,
+        clip: float = 8.0,
+    ):
+        if window < 2:
+            raise ModelError(f"window: {window} must be ≥ 2")
+        self.window = window
+        self.threshold = threshold
+        self.min_scale = min_scale
+        self.cold_scale = cold_scale
+        self.clip = clip
+        self._index: dict[str, int] = {}
+        self._keys: list[str] = []
+        self._buf = np.full((0, window), np.nan)  # ring buffer of residuals per meter
+        self._err = np.full((0, window), np.nan)  # ring buffer of |log_actual − expected| per meter
+        self._pos = np.zeros(0, dtype=np.int64)  # next slot to write
+        self._count = np.zeros(0, dtype=np.int64)  # residuals seen (not capped)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def _ids(self, meter_keys) -> np.ndarray:
+        keys = meter_keys.tolist() if isinstance(meter_keys, np.ndarray) else list(meter_keys)
+        index = self._index
+        get = index.get
+        ids = [get(k, -1) for k in keys]
+        if -1 in ids:
+            for i, k in enumerate(keys):
+                if ids[i] == -1:
+                    j = index.get(k)
+                    if j is None:
+                        j = index[k] = len(self._keys)
+                        self._keys.append(k)
+                    ids[i] = j
+            self._grow(len(self._keys))
+        return np.array(ids, dtype=np.int64)
+
+    def _grow(self, n: int) -> None:
+        have = self._buf.shape[0]
+        if n <= have:
+            return
+        cap = max(n, 2 * have, 1024)
+        buf = np.full((cap, self.window), np.nan)
+        buf[:have] = self._buf
+        err = np.full((cap, self.window), np.nan)
+        err[:have] = self._err
+        self._err = err
+        pos = np.zeros(cap, dtype=np.int64)
+        pos[:have] = self._pos
+        count = np.zeros(cap, dtype=np.int64)
+        count[:have] = self._count
+        self._buf, self._pos, self._count = buf, pos, count
+
+    def _stats(self, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Offset and scale of meters ``m`` from their current windows (before a new reading)."""
+        w = self.window
+        buf, pos = self._buf[m], self._pos[m]
+        n = np.minimum(self._count[m], w)
+        k = len(m)
+        # chronological order, oldest first; empty slots (NaN) are at the start
+        order = (pos[:, None] + np.arange(w)[None, :]) % w
+        chrono = np.take_along_axis(buf, order, axis=1)
+        rows = np.arange(k)
+        has = n > 0
+
+        def median_last(j: int) -> np.ndarray:
+            c = np.minimum(n, j)
+            s = np.sort(chrono[:, w - j :], axis=1)  # NaNs sort last
+            lo = np.clip((c - 1) // 2, 0, j - 1)
+            hi = np.clip(c // 2, 0, j - 1)
+            return np.where(c > 0, 0.5 * (s[rows, lo] + s[rows, hi]), 0.0)
+
+        terms = {f"med{j}": median_last(min(j, w)) for j in (6, 12, 24)}
+        med = terms[f"med{min(24, w)}"]
+        c = np.maximum(n, 1)
+        dev = np.sort(self._err[m], axis=1)  # past absolute errors of the expectation (order is irrelevant)
+        mad = 0.5 * (dev[rows, np.clip((c - 1) // 2, 0, w - 1)] + dev[rows, np.clip(c // 2, 0, w - 1)])
+        scale = np.where(n >= 3, np.maximum(_MAD_TO_SIGMA * np.nan_to_num(mad), self.min_scale), self.cold_scale)
+        lim = self.clip * scale
+        last = np.where(has, chrono[:, -1], 0.0)
+        last2 = np.where(n >= 2, chrono[:, -2], last)
+        terms["last"] = np.clip(last, med - lim, med + lim)
+        terms["last2"] = np.clip(last2, med - lim, med + lim)
+        offset = sum(weight * terms[name] for name, weight in OFFSET_WEIGHTS)
+        return np.where(has, offset, 0.0), scale
+
+    def update(self, meter_keys, log_pred: np.ndarray, log_actual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Judge a batch of readings in order, then learn from them.
+
+        Returns ``(log_expected, score)``: the corrected expectation in log1p space (clipped at 0)
+        and the anomaly score of each reading, both from the meter's history before it.
+        """
+        log_pred = np.asarray(log_pred, dtype=np.float64).reshape(-1)
+        log_actual = np.asarray(log_actual, dtype=np.float64).reshape(-1)
+        ids = self._ids(meter_keys)
+        if not (len(ids) == len(log_pred) == len(log_actual)):
+            raise ModelError(f"update: {len(ids)} keys, {len(log_pred)} predictions, {len(log_actual)} actuals")
+        expected = np.empty(len(ids))
+        score = np.empty(len(ids))
+        if len(ids) == 0:
+            return expected, score
+        # rank of each reading among the batch's readings of the same meter
+        order = np.argsort(ids, kind="stable")
+        sid = ids[order]
+        first = np.r_[True, sid[1:] != sid[:-1]]
+        group_start = np.maximum.accumulate(np.where(first, np.arange(len(sid)), 0))
+        rank = np.empty(len(ids), dtype=np.int64)
+        rank[order] = np.arange(len(sid)) - group_start
+        by_rank = np.argsort(rank, kind="stable")
+        bounds = np.searchsorted(rank[by_rank], np.arange(rank.max() + 2))
+        w = self.window
+        for r in range(len(bounds) - 1):
+            sel = by_rank[bounds[r] : bounds[r + 1]]  # distinct meters, one reading each
+            m = ids[sel]
+            offset, scale = self._stats(m)
+            e = np.maximum(log_pred[sel] + offset, 0.0)
+            expected[sel] = e
+            err = np.abs(log_actual[sel] - e)
+            score[sel] = err / scale
+            self._buf[m, self._pos[m]] = log_actual[sel] - log_pred[sel]
+            self._err[m, self._pos[m]] = err
+            self._pos[m] = (self._pos[m] + 1) % w
+            self._count[m] += 1
+        return expected, score
+
+    def flag(self, score: np.ndarray) -> np.ndarray:
+        """Anomaly flags (bool) of scores from :meth:`update`."""
+        return np.asarray(score) >= self.threshold
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def save(self, conn: sqlite3.Connection) -> None:
+        """Write every meter's state to table ``meter_stats`` (created if missing), in one transaction."""
+        n = len(self._keys)
+        w = self.window
+        order = (self._pos[:n, None] + np.arange(w)[None, :]) % w
+        chrono = np.take_along_axis(self._buf[:n], order, axis=1)
+        rows = []
+        for i, key in enumerate(self._keys):
+            k = int(min(self._count[i], w))
+            rows.append((key, int(self._count[i]), w, chrono[i, w - k :].astype("<f8").tobytes()))
+        try:
+            with conn:
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS meter_stats ("
+                    "meter_key TEXT PRIMARY KEY, n_seen INTEGER NOT NULL, window INTEGER NOT NULL, "
+                    "residuals BLOB NOT NULL)"
+                )
+                conn.executemany(
+                    "INSERT INTO meter_stats (meter_key, n_seen, window, residuals) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(meter_key) DO UPDATE SET n_seen=excluded.n_seen, window=excluded.window, "
+                    "residuals=excluded.residuals",
+                    rows,
+                )
+        except sqlite3.Error as exc:
+            raise ModelError(f"meter_stats: cannot save: {exc}") from exc
+
+    def load(self, conn: sqlite3.Connection) -> int:
+        """Replace the state with table ``meter_stats`` (missing table → empty). Returns meters loaded."""
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS meter_stats ("
+                "meter_key TEXT PRIMARY KEY, n_seen INTEGER NOT NULL, window INTEGER NOT NULL, "
+                "residuals BLOB NOT NULL)"
+            )
+            rows = conn.execute("SELECT meter_key, n_seen, residuals FROM meter_stats ORDER BY rowid").fetchall()
+        except sqlite3.Error as exc:
+            raise ModelError(f"meter_stats: cannot load: {exc}") from exc
+        w = self.window
+        self._index, self._keys = {}, []
+        self._buf = np.full((0, w), np.nan)
+        self._pos = np.zeros(0, dtype=np.int64)
+        self._count = np.zeros(0, dtype=np.int64)
+        self._grow(len(rows))
+        for i, (key, n_seen, blob) in enumerate(rows):
+            res = np.frombuffer(blob, dtype="<f8")[-w:]  # a smaller window keeps the newest
+            self._index[key] = i
+            self._keys.append(key)
+            self._buf[i, : len(res)] = res
+            self._pos[i] = len(res) % w
+            self._count[i] = max(int(n_seen), len(res)) if len(res) == w else len(res)
+        return len(rows)

@@ -1,0 +1,261 @@
+"""Train the expected-consumption model, evaluate it on unseen buildings, export it to ONNX.
+
+The model predicts ``log1p(reading) − log(square feet)`` with LightGBM from
+:func:`gateway.model.features.featurize`; the exported ONNX graph adds ``log(square feet)`` back,
+so its one output is log1p(expected reading) and no caller can forget the transform.
+
+Output folder: ``model.onnx``, ``golden.json`` (feature rows + expected outputs, for the hot-swap
+check) and ``manifest.json`` (version, data range, metrics). Needs the ``train`` extra.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gateway.errors import ModelError
+from gateway.model import ashrae
+from gateway.model.evaluate import anomaly_auc, naive_baseline, rmsle, run_online
+from gateway.model.features import FEATURE_INDEX, FEATURE_NAMES, Buildings, featurize
+
+log = logging.getLogger(__name__)
+
+TARGET_TRANSFORM = "log1p(meter_reading); model output already includes + log(square_feet)"
+INPUT_NAME = "features"
+OUTPUT_NAME = "log1p_expected"
+PARITY_TOLERANCE = 1e-4
+DEFAULT_PARAMS: dict = {
+    "objective": "regression",
+    "learning_rate": 0.05,
+    "num_leaves": 31,
+    "min_data_in_leaf": 2000,
+    "lambda_l2": 10.0,
+    "feature_fraction": 0.7,
+    "bagging_fraction": 0.7,
+    "bagging_freq": 1,
+    "verbose": -1,
+    "seed": 7,
+}
+DEFAULT_ROUNDS = 200
+
+
+def load_training_data(data_path: str | Path, buildings_csv: str | Path | None = None):
+    """Read the ASHRAE CSV with the shared reader; returns (table, buildings, X, log1p(y))."""
+    table = ashrae.read(data_path)
+    if table.rejected:
+        log.info("%s: %d rows rejected %s", data_path, len(table.rejected), table.rejected_counts())
+    if len(table) == 0:
+        raise ModelError(f"{data_path}: no usable rows")
+    buildings = Buildings.from_csv(buildings_csv) if buildings_csv else Buildings.from_records(table.metadata)
+    known = buildings.is_known(table.building_id)
+    if not known.all():
+        log.info("%d rows of buildings without metadata dropped", int((~known).sum()))
+        table = table.take(np.flatnonzero(known))
+    X = featurize(buildings, table.building_id, table.meter, table.ts_ms, table.weather)
+    return table, buildings, X, np.log1p(table.meter_reading)
+
+
+def _offset(X: np.ndarray, fill: float) -> np.ndarray:
+    lsf = X[:, FEATURE_INDEX["log_square_feet"]].astype(np.float64)
+    return np.where(np.isnan(lsf), fill, lsf)
+
+
+def _fit(X, ly, fill, params, rounds, threads):
+    import lightgbm as lgb
+
+    ds = lgb.Dataset(X, ly - _offset(X, fill), feature_name=list(FEATURE_NAMES), free_raw_data=True)
+    return lgb.train({**params, "num_threads": threads}, ds, rounds)
+
+
+def cross_validate(table, X, ly, params=None, rounds=DEFAULT_ROUNDS, folds=5, threads=0, progress=None) -> dict:
+    """GroupKFold by building: model vs naive RMSLE, online correction and anomaly AUC, all out of fold."""
+    from sklearn.model_selection import GroupKFold
+
+    params = params or DEFAULT_PARAMS
+    oof = np.zeros(len(ly))
+    naive = np.zeros(len(ly))
+    for k, (tr, te) in enumerate(GroupKFold(folds).split(X, ly, table.building_id)):
+        t0 = time.perf_counter()
+        fill = float(np.nanmedian(X[tr, FEATURE_INDEX["log_square_feet"]]))
+        booster = _fit(X[tr], ly[tr], fill, params, rounds, threads)
+        oof[te] = booster.predict(X[te]) + _offset(X[te], fill)
+        naive[te] = naive_baseline(X[tr], ly[tr], X[te])
+        fold = rmsle(oof[te], ly[te], table.meter[te])["overall"]
+        log.info("fold %d/%d: %d unseen buildings, RMSLE %.4f (%.0f s)", k + 1, folds,
+                 len(np.unique(table.building_id[te])), fold, time.perf_counter() - t0)  # fmt: skip
+        if progress is not None:
+            progress(k + 1, folds)
+    order = np.argsort(table.ts_ms, kind="stable")
+    keys = np.char.add(np.char.add(table.building_id.astype(str), ":"), table.meter.astype(str))[order]
+    expected, _ = run_online(keys, oof[order], ly[order])
+    return {
+        "folds": folds,
+        "rmsle_model": rmsle(oof, ly, table.meter),
+        "rmsle_naive": rmsle(naive, ly, table.meter),
+        "rmsle_online": rmsle(expected, ly[order], table.meter[order]),
+        "anomaly": anomaly_auc(keys, oof[order], table.meter_reading[order]),
+    }
+
+
+def to_onnx(booster, n_features: int, fill: float):
+    """Convert with onnxmltools and append ``+ log(square feet)`` (NaN → ``fill``) to the graph."""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnxmltools import convert_lightgbm
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    model = convert_lightgbm(booster, initial_types=[(INPUT_NAME, FloatTensorType([None, n_features]))], target_opset=15)
+    graph = model.graph
+    raw = graph.output[0].name
+    k = FEATURE_INDEX["log_square_feet"]
+    graph.initializer.extend([
+        helper.make_tensor("lsf_index", TensorProto.INT64, [1], [k]),
+        helper.make_tensor("lsf_fill", TensorProto.FLOAT, [], [fill]),
+    ])  # fmt: skip
+    graph.node.extend([
+        helper.make_node("Gather", [INPUT_NAME, "lsf_index"], ["lsf_raw"], axis=1),
+        helper.make_node("IsNaN", ["lsf_raw"], ["lsf_isnan"]),
+        helper.make_node("Where", ["lsf_isnan", "lsf_fill", "lsf_raw"], ["lsf"]),
+        helper.make_node("Add", [raw, "lsf"], [OUTPUT_NAME]),
+    ])  # fmt: skip
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, 13)  # IsNaN on float, Where
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [None, 1]))
+    onnx.checker.check_model(model)
+    return model
+
+
+def check_parity(model_bytes: bytes, booster, X: np.ndarray, fill: float) -> float:
+    """Max |ONNX − LightGBM| in log space over ``X``; raises ModelError above the tolerance."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {INPUT_NAME: X.astype(np.float32)})[0].reshape(-1)
+    want = booster.predict(X) + _offset(X, fill)
+    diff = float(np.max(np.abs(got.astype(np.float64) - want))) if len(X) else 0.0
+    if not diff <= PARITY_TOLERANCE:
+        raise ModelError(f"ONNX parity check failed: max abs diff {diff:.3g} > {PARITY_TOLERANCE:g} in log space")
+    return diff
+
+
+def _golden(X: np.ndarray, out: np.ndarray) -> dict:
+    rows = [[None if np.isnan(v) else float(v) for v in row] for row in X.tolist()]
+    return {"feature_names": list(FEATURE_NAMES), "rows": rows, "expected": [float(v) for v in out]}
+
+
+def train(
+    data_path: str | Path,
+    out_dir: str | Path,
+    buildings_csv: str | Path | None = None,
+    params: dict | None = None,
+    rounds: int = DEFAULT_ROUNDS,
+    folds: int = 5,
+    threads: int = 0,
+    evaluate: bool = True,
+    name: str | None = None,
+    progress=None,
+) -> dict:
+    """Train on ``data_path``, evaluate (unless ``evaluate=False``), write the model folder; returns the manifest.
+
+    ``progress(done, total)`` is called after each fold and after the final fit.
+    """
+    params = {**DEFAULT_PARAMS, **(params or {})}
+    out = Path(out_dir)
+    name = name or out.name
+    table, buildings, X, ly = load_training_data(data_path, buildings_csv)
+    log.info("%d readings of %d buildings, %d features", len(ly), len(np.unique(table.building_id)), X.shape[1])
+    metrics = cross_validate(table, X, ly, params, rounds, folds, threads, progress) if evaluate else {}
+    fill = float(np.nanmedian(X[:, FEATURE_INDEX["log_square_feet"]]))
+    booster = _fit(X, ly, fill, params, rounds, threads)
+    if progress is not None:
+        progress(folds, folds)
+    model = to_onnx(booster, X.shape[1], fill)
+
+    rng = np.random.default_rng(0)
+    sample = X[rng.choice(len(X), size=min(20_000, len(X)), replace=False)]
+    diff = check_parity(model.SerializeToString(), booster, sample, fill)
+    log.info("ONNX parity: max abs diff %.2e on %d rows", diff, len(sample))
+
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    first, last = (str(table.timestamp.min()), str(table.timestamp.max()))
+    meta = {
+        "feature_names": json.dumps(list(FEATURE_NAMES)),
+        "target_transform": TARGET_TRANSFORM,
+        "output": OUTPUT_NAME,
+        "training_data": json.dumps({"path": Path(data_path).name, "rows": len(ly), "from_local": first, "to_local": last}),
+        "metrics": json.dumps(metrics),
+        "params": json.dumps({**params, "rounds": rounds}),
+    }
+    body = model.SerializeToString()
+    version = f"{name}-{stamp}-{hashlib.sha256(body).hexdigest()[:8]}"
+    meta["model_version"] = version
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.producer_name = "gateway.model.train"
+    body = model.SerializeToString()
+    check_parity(body, booster, sample, fill)  # what is written is what was checked
+
+    import onnxruntime as ort
+
+    golden_rows = sample[:16]
+    expected = ort.InferenceSession(body, providers=["CPUExecutionProvider"]).run(None, {INPUT_NAME: golden_rows})[0]
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "name": name,
+        "version": version,
+        "created": stamp,
+        "model": "model.onnx",
+        "sha256": hashlib.sha256(body).hexdigest(),
+        "input": INPUT_NAME,
+        "output": OUTPUT_NAME,
+        "feature_names": list(FEATURE_NAMES),
+        "target_transform": TARGET_TRANSFORM,
+        "training_data": json.loads(meta["training_data"]),
+        "parity_max_abs_diff": diff,
+        "metrics": metrics,
+    }
+    (out / "model.onnx").write_bytes(body)
+    (out / "golden.json").write_text(json.dumps(_golden(golden_rows, expected.reshape(-1)), indent=1) + "\n")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("wrote %s (%d bytes), version %s", out / "model.onnx", len(body), version)
+    return manifest
+
+
+def _command():
+    import click
+
+    @click.command("train")
+    @click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False))
+    @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+    @click.option("--buildings", "buildings_csv", type=click.Path(exists=True, dir_okay=False), default=None,
+                  help="building_metadata.csv (default: the metadata columns of --data)")  # fmt: skip
+    @click.option("--rounds", default=DEFAULT_ROUNDS, show_default=True)
+    @click.option("--folds", default=5, show_default=True)
+    @click.option("--no-eval", is_flag=True, help="skip the cross-validation")
+    def train_command(data_path, out_dir, buildings_csv, rounds, folds, no_eval):
+        """Train the model on an ASHRAE CSV and write MODEL_DIR (model.onnx, golden.json, manifest.json)."""
+        from rich.logging import RichHandler
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
+        try:
+            manifest = train(data_path, out_dir, buildings_csv, rounds=rounds, folds=folds, evaluate=not no_eval)
+        except ModelError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(json.dumps({"version": manifest["version"], "metrics": manifest["metrics"]}, indent=2))
+
+    return train_command
+
+
+train_command = _command()
+
+if __name__ == "__main__":
+    train_command()
