@@ -10,7 +10,7 @@ from awscrt import io, mqtt5
 from awscrt.exceptions import AwsCrtError, from_code
 
 from gateway.broker import Mosquitto, make_certs
-from gateway.errors import RetryableError, UndeliverableError
+from gateway.errors import ConfigError, RetryableError, UndeliverableError
 from gateway.publishers import Message, Publisher
 from gateway.publishers.mqtt import (
     UNDELIVERABLE_CRT_ERRORS,
@@ -19,7 +19,7 @@ from gateway.publishers.mqtt import (
     puback_error,
 )
 
-from conftest import SUBSCRIBER, THING, publisher_for
+from conftest import THING, publisher_for
 
 WAIT = 10  # seconds: an upper bound for things that normally take milliseconds
 
@@ -180,6 +180,7 @@ def offline_publisher(certs):
     ("", b"{}", 1, r"^topic is empty$"),
     ("dt/x", b"{}", 2, r"^qos 2 is not 0 or 1$"),
     ("dt/x", "text", 1, r"^payload must be bytes, not str$"),
+    (["dt", "x"], b"{}", 1, r"^topic must be str, not list$"),
 ])
 def test_invalid_message_is_undeliverable_without_network(offline_publisher, topic, payload, qos, message):
     fut = offline_publisher.publish(topic, payload, qos)
@@ -293,6 +294,16 @@ def test_reconnect_backoff_is_exponential_with_full_jitter(broker, certs):
         assert opts.connect_options.client_id == THING
     finally:
         pub.close()
+
+
+def test_unloadable_certificate_is_a_config_error(certs, tmp_path):
+    bad = tmp_path / "bad.crt"
+    bad.write_text("not a PEM")
+    with pytest.raises(ConfigError, match=r"^cannot load certificate '.*/bad.crt' and key '.*/bad.crt' "
+                                          r"for meter-gw-1: .*AWS_ERROR_INVALID_ARGUMENT.*$"):
+        MqttPublisher("localhost", THING, bad, bad, certs.ca)
+    with pytest.raises(ConfigError, match=r"^cannot load certificate '/nonexistent.crt' .*No such file.*$"):
+        MqttPublisher("localhost", THING, "/nonexistent.crt", "/nonexistent.key", certs.ca)
 
 
 def test_reconnect_delays_are_checked(broker, certs):

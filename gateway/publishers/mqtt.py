@@ -54,7 +54,7 @@ from awscrt import mqtt5
 from awscrt.exceptions import AwsCrtError
 from awsiot import mqtt5_client_builder
 
-from gateway.errors import PublishError, RetryableError, UndeliverableError
+from gateway.errors import ConfigError, PublishError, RetryableError, UndeliverableError
 from gateway.publishers import Message
 
 __all__ = ["MqttPublisher", "MqttSubscriber", "map_crt_error", "check_message",
@@ -267,6 +267,8 @@ class MqttPublisher(_Connection):
         ack_timeout: a QoS 1 publish without PUBACK this long fails with RetryableError, s.
         connack_timeout: a CONNECT without CONNACK this long is a failed attempt, s.
         fail_on_disconnect: fail pending futures when the connection drops (see module doc).
+
+    Raises ConfigError when the certificate or key cannot be loaded.
     """
 
     def __init__(self, endpoint: str, thing_name: str, cert: str | os.PathLike, key: str | os.PathLike,
@@ -312,8 +314,9 @@ class MqttPublisher(_Connection):
                 keep_alive_interval_sec=keep_alive, client_options=self.client_options,
                 **self._lifecycle_kwargs(),
             )
-        except AwsCrtError as exc:  # unreadable cert or key, bad PEM
-            raise PublishError(f"cannot set up MQTT client for {thing_name}: {exc.name}: {exc.message}") from exc
+        except (AwsCrtError, OSError, RuntimeError) as exc:  # missing or unreadable cert/key, bad PEM
+            raise ConfigError("", f"cannot load certificate {os.fspath(cert)!r} and key {os.fspath(key)!r} "
+                                  f"for {thing_name}: {exc}") from exc
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -359,7 +362,7 @@ class MqttPublisher(_Connection):
     def publish(self, topic: str, payload: bytes, qos: int = 1) -> "Future[None]":
         """Send one message; the future settles as the module doc says. Never raises."""
         fut: Future[None] = Future()
-        if topic not in self._topics_ok or qos not in self._qos or type(payload) is not bytes \
+        if type(topic) is not str or topic not in self._topics_ok or qos not in self._qos or type(payload) is not bytes \
                 or len(payload) > MAX_PAYLOAD_BYTES:
             problem = check_message(topic, payload, qos)
             if problem is not None:
