@@ -7,8 +7,10 @@ readings *before* it:
 - expected value (log1p space) = model prediction + a robust recent offset: a weighted blend of
   the last two residuals (each clipped to within ``clip`` robust scales of the window median,
   so one spike cannot drag the next expectations) and the medians of the last 6, 12 and 24;
-- anomaly score = ``|log_actual − expected| / scale``, where scale is the window's MAD × 1.4826
-  floored at :attr:`MeterStats.min_scale` (a flat meter must not turn every wiggle into an alarm);
+- anomaly score = ``|log_actual − expected| / scale``, where scale is 1.4826 × the median of the
+  meter's last ``window`` absolute errors of that same expectation (a MAD of its one-step-ahead
+  errors), floored at :attr:`MeterStats.min_scale` so a flat meter does not turn every wiggle
+  into an alarm;
 - anomaly flag = score ≥ :attr:`MeterStats.threshold`.
 
 A meter with no history gets the model's prediction and a score measured against
@@ -33,6 +35,10 @@ OFFSET_WEIGHTS: tuple[tuple[str, float], ...] = (
     ("med24", 0.15),
 )
 _MAD_TO_SIGMA = 1.4826
+_CREATE = (
+    "CREATE TABLE IF NOT EXISTS meter_stats (meter_key TEXT PRIMARY KEY, n_seen INTEGER NOT NULL, "
+    "window INTEGER NOT NULL, residuals BLOB NOT NULL, errors BLOB NOT NULL)"
+)
 
 
 class MeterStats:
@@ -45,10 +51,11 @@ class MeterStats:
     def __init__(
         self,
         window: int = 24,
-        threshold: float = 3.0,
-        min_scale: float = 0.5,
+        threshold: float = 3.5,
+        min_scale: float = 0.3,
         cold_scale: float = 1.0,
-        clip: float = 8.0,
+        clip: float = 20.0,
+        score_clip: float = 3.0,
     ):
         if window < 2:
             raise ModelError(f"window: {window} must be ≥ 2")
@@ -57,6 +64,7 @@ class MeterStats:
         self.min_scale = min_scale
         self.cold_scale = cold_scale
         self.clip = clip
+        self.score_clip = score_clip
         self._index: dict[str, int] = {}
         self._keys: list[str] = []
         self._buf = np.full((0, window), np.nan)  # ring buffer of residuals per meter
@@ -128,13 +136,16 @@ class MeterStats:
         dev = np.sort(self._err[m], axis=1)  # past absolute errors of the expectation (order is irrelevant)
         mad = 0.5 * (dev[rows, np.clip((c - 1) // 2, 0, w - 1)] + dev[rows, np.clip(c // 2, 0, w - 1)])
         scale = np.where(n >= 3, np.maximum(_MAD_TO_SIGMA * np.nan_to_num(mad), self.min_scale), self.cold_scale)
-        lim = self.clip * scale
         last = np.where(has, chrono[:, -1], 0.0)
         last2 = np.where(n >= 2, chrono[:, -2], last)
-        terms["last"] = np.clip(last, med - lim, med + lim)
-        terms["last2"] = np.clip(last2, med - lim, med + lim)
-        offset = sum(weight * terms[name] for name, weight in OFFSET_WEIGHTS)
-        return np.where(has, offset, 0.0), scale
+        rest = sum(weight * terms[name] for name, weight in OFFSET_WEIGHTS if name.startswith("med"))
+        w_last, w_last2 = dict(OFFSET_WEIGHTS)["last"], dict(OFFSET_WEIGHTS)["last2"]
+
+        def blend(clip: float) -> np.ndarray:
+            lo, hi = med - clip * scale, med + clip * scale
+            return np.where(has, rest + w_last * np.clip(last, lo, hi) + w_last2 * np.clip(last2, lo, hi), 0.0)
+
+        return blend(self.clip), blend(self.score_clip), scale
 
     def update(self, meter_keys, log_pred: np.ndarray, log_actual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Judge a batch of readings in order, then learn from them.
@@ -164,10 +175,10 @@ class MeterStats:
         for r in range(len(bounds) - 1):
             sel = by_rank[bounds[r] : bounds[r + 1]]  # distinct meters, one reading each
             m = ids[sel]
-            offset, scale = self._stats(m)
+            offset, score_offset, scale = self._stats(m)
             e = np.maximum(log_pred[sel] + offset, 0.0)
             expected[sel] = e
-            err = np.abs(log_actual[sel] - e)
+            err = np.abs(log_actual[sel] - np.maximum(log_pred[sel] + score_offset, 0.0))
             score[sel] = err / scale
             self._buf[m, self._pos[m]] = log_actual[sel] - log_pred[sel]
             self._err[m, self._pos[m]] = err
@@ -187,21 +198,19 @@ class MeterStats:
         w = self.window
         order = (self._pos[:n, None] + np.arange(w)[None, :]) % w
         chrono = np.take_along_axis(self._buf[:n], order, axis=1)
+        errors = np.take_along_axis(self._err[:n], order, axis=1)
         rows = []
         for i, key in enumerate(self._keys):
             k = int(min(self._count[i], w))
-            rows.append((key, int(self._count[i]), w, chrono[i, w - k :].astype("<f8").tobytes()))
+            rows.append((key, int(self._count[i]), w, chrono[i, w - k :].astype("<f8").tobytes(),
+                         errors[i, w - k :].astype("<f8").tobytes()))  # fmt: skip
         try:
             with conn:
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS meter_stats ("
-                    "meter_key TEXT PRIMARY KEY, n_seen INTEGER NOT NULL, window INTEGER NOT NULL, "
-                    "residuals BLOB NOT NULL)"
-                )
+                conn.execute(_CREATE)
                 conn.executemany(
-                    "INSERT INTO meter_stats (meter_key, n_seen, window, residuals) VALUES (?, ?, ?, ?) "
+                    "INSERT INTO meter_stats (meter_key, n_seen, window, residuals, errors) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT(meter_key) DO UPDATE SET n_seen=excluded.n_seen, window=excluded.window, "
-                    "residuals=excluded.residuals",
+                    "residuals=excluded.residuals, errors=excluded.errors",
                     rows,
                 )
         except sqlite3.Error as exc:
@@ -210,25 +219,27 @@ class MeterStats:
     def load(self, conn: sqlite3.Connection) -> int:
         """Replace the state with table ``meter_stats`` (missing table → empty). Returns meters loaded."""
         try:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS meter_stats ("
-                "meter_key TEXT PRIMARY KEY, n_seen INTEGER NOT NULL, window INTEGER NOT NULL, "
-                "residuals BLOB NOT NULL)"
-            )
-            rows = conn.execute("SELECT meter_key, n_seen, residuals FROM meter_stats ORDER BY rowid").fetchall()
+            with conn:
+                conn.execute(_CREATE)
+            rows = conn.execute("SELECT meter_key, n_seen, residuals, errors FROM meter_stats ORDER BY rowid").fetchall()
         except sqlite3.Error as exc:
             raise ModelError(f"meter_stats: cannot load: {exc}") from exc
         w = self.window
         self._index, self._keys = {}, []
         self._buf = np.full((0, w), np.nan)
+        self._err = np.full((0, w), np.nan)
         self._pos = np.zeros(0, dtype=np.int64)
         self._count = np.zeros(0, dtype=np.int64)
         self._grow(len(rows))
-        for i, (key, n_seen, blob) in enumerate(rows):
+        for i, (key, n_seen, blob, err_blob) in enumerate(rows):
             res = np.frombuffer(blob, dtype="<f8")[-w:]  # a smaller window keeps the newest
+            err = np.frombuffer(err_blob, dtype="<f8")[-w:]
+            if len(err) != len(res):
+                raise ModelError(f"meter_stats: row {key!r} has {len(res)} residuals but {len(err)} errors")
             self._index[key] = i
             self._keys.append(key)
             self._buf[i, : len(res)] = res
+            self._err[i, : len(err)] = err
             self._pos[i] = len(res) % w
             self._count[i] = max(int(n_seen), len(res)) if len(res) == w else len(res)
         return len(rows)

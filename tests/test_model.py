@@ -1,0 +1,223 @@
+"""Training, ONNX export, the verified scorer, online per-meter learning, score_file and bench."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.errors import ModelError
+from gateway.model.features import FEATURE_NAMES
+from gateway.model.online import MeterStats
+from gateway.model.scorer import Scorer
+
+ROOT = Path(__file__).resolve().parent.parent
+METADATA = ROOT / "data" / "building_metadata.csv"
+SAMPLE = ROOT / "data" / "sample" / "readings.csv.gz"
+SHIPPED = ROOT / "models" / "ashrae-lgbm"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A small model trained on the committed extract, with its 2-fold evaluation."""
+    from gateway.model.train import train
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    train(SAMPLE, out, METADATA, rounds=20, folds=2, threads=1)
+    return out
+
+
+def test_train_writes_a_checked_model_folder(tiny_model):
+    assert sorted(p.name for p in tiny_model.iterdir()) == ["golden.json", "manifest.json", "model.onnx"]
+    manifest = json.loads((tiny_model / "manifest.json").read_text())
+    assert manifest["feature_names"] == list(FEATURE_NAMES)
+    assert manifest["parity_max_abs_diff"] <= 1e-4
+    assert manifest["training_data"]["rows"] == 11_133
+    metrics = manifest["metrics"]
+    assert set(metrics["rmsle_model"]) >= {"overall", "electricity"}
+    assert 0.5 < metrics["anomaly"]["auc"] <= 1.0
+    assert metrics["rmsle_online"]["overall"] < metrics["rmsle_model"]["overall"]
+
+
+def test_onnx_matches_lightgbm_and_a_different_model_is_refused():
+    from gateway.model.train import _fit, check_parity, load_training_data, to_onnx
+
+    _, _, X, ly = load_training_data(SAMPLE, METADATA)
+    X, ly = X[:3000], ly[:3000]
+    booster = _fit(X, ly, 10.0, {"objective": "regression", "num_leaves": 7, "verbose": -1}, 15, 1)
+    body = to_onnx(booster, X.shape[1], 10.0).SerializeToString()
+    assert check_parity(body, booster, X, 10.0) <= 1e-4
+    other = _fit(X, ly, 10.0, {"objective": "regression", "num_leaves": 7, "verbose": -1}, 30, 1)
+    with pytest.raises(ModelError, match=r"^ONNX parity check failed: max abs diff .* > 0.0001 in log space$"):
+        check_parity(body, other, X, 10.0)
+
+
+def test_scorer_loads_and_predicts(tiny_model):
+    scorer = Scorer(tiny_model, intra_op_threads=1)
+    manifest = json.loads((tiny_model / "manifest.json").read_text())
+    assert scorer.version == manifest["version"]
+    golden = json.loads((tiny_model / "golden.json").read_text())
+    X = np.array([[np.nan if v is None else v for v in row] for row in golden["rows"]], dtype=np.float32)
+    np.testing.assert_allclose(scorer.predict_log(X), golden["expected"], atol=1e-5)
+    assert scorer.predict_log(np.empty((0, len(FEATURE_NAMES)), np.float32)).shape == (0,)
+
+
+def test_scorer_refuses_features_in_another_order(tiny_model, tmp_path):
+    import onnx
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    model = onnx.load(str(bad / "model.onnx"))
+    names = list(FEATURE_NAMES)
+    names[1], names[2] = names[2], names[1]
+    for prop in model.metadata_props:
+        if prop.key == "feature_names":
+            prop.value = json.dumps(names)
+    onnx.save(model, str(bad / "model.onnx"))
+    with pytest.raises(ModelError, match=r"feature_names differ from features.FEATURE_NAMES at column 1: model has 'primary_use', gateway has 'site_id'$"):
+        Scorer(bad)
+
+
+def test_scorer_refuses_golden_vectors_that_do_not_match(tiny_model, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    golden = json.loads((bad / "golden.json").read_text())
+    golden["expected"][3] += 0.01
+    (bad / "golden.json").write_text(json.dumps(golden))
+    with pytest.raises(ModelError, match=r"golden.json: golden vectors do not match: max abs diff 0.01 > 0.0001$"):
+        Scorer(bad)
+
+
+def test_scorer_refuses_a_missing_model(tmp_path):
+    with pytest.raises(ModelError, match=r"model.onnx: cannot load"):
+        Scorer(tmp_path)
+
+
+def test_the_shipped_model_passes_its_own_checks():
+    scorer = Scorer(SHIPPED)
+    manifest = json.loads((SHIPPED / "manifest.json").read_text())
+    assert scorer.version == manifest["version"]
+    assert (SHIPPED / "model.onnx").stat().st_size < 5_000_000
+    assert manifest["metrics"]["rmsle_model"]["overall"] < manifest["metrics"]["rmsle_naive"]["overall"]
+
+
+# -- online learning -------------------------------------------------------------------------
+
+
+def _steady(n: int, seed: int = 0, level: float = 5.0) -> np.ndarray:
+    return level + np.random.default_rng(seed).normal(0.0, 0.05, n)
+
+
+def test_meter_learns_its_offset_from_earlier_readings_only():
+    stats = MeterStats()
+    actual = _steady(40, level=6.0)
+    pred = np.full(40, 4.0)  # the model is 2.0 too low for this meter
+    expected, _ = stats.update(["1:electricity"] * 40, pred, actual)
+    assert expected[0] == 4.0  # no history: the model's prediction
+    assert abs(expected[-1] - 6.0) < 0.1
+
+
+def test_a_batch_equals_the_same_readings_one_by_one():
+    keys = ["a", "b", "a", "a", "c", "b"]
+    pred = np.array([1.0, 2.0, 1.0, 1.0, 3.0, 2.0])
+    actual = np.array([1.5, 2.2, 1.7, 9.0, 3.1, 2.1])
+    together = MeterStats().update(keys, pred, actual)
+    one = MeterStats()
+    alone = [one.update([k], pred[i : i + 1], actual[i : i + 1]) for i, k in enumerate(keys)]
+    np.testing.assert_allclose(together[0], [e[0] for e, _ in alone])
+    np.testing.assert_allclose(together[1], [s[0] for _, s in alone])
+
+
+@pytest.mark.parametrize("factor", [3.0, 10.0, 0.0])
+def test_an_injected_spike_or_dropout_is_flagged_and_clean_readings_are_not(factor):
+    n = 200
+    actual = np.expm1(_steady(n, seed=1))
+    pred = np.full(n, 4.6)
+    injected = actual.copy()
+    injected[150] *= factor
+    stats = MeterStats()
+    _, score = stats.update(["7:steam"] * n, pred, np.log1p(injected))
+    flags = stats.flag(score)
+    assert flags[150]
+    clean = np.r_[flags[30:150], flags[151:]]
+    assert clean.mean() < 0.02
+
+
+def test_meter_stats_survive_save_and_load(tmp_path):
+    rng = np.random.default_rng(5)
+    keys = [f"{b}:electricity" for b in rng.integers(0, 30, 500)]
+    pred = rng.normal(4, 1, 500)
+    actual = pred + rng.normal(0.5, 0.3, 500)
+    stats = MeterStats()
+    stats.update(keys, pred, actual)
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        stats.save(conn)
+        stats.save(conn)  # saving twice replaces, it does not duplicate
+        assert conn.execute("SELECT COUNT(*) FROM meter_stats").fetchone()[0] == len(stats)
+    restored = MeterStats()
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        assert restored.load(conn) == len(stats)
+    nxt = (keys[:50], pred[:50], actual[:50] + 3.0)
+    a, b = stats.update(*nxt), restored.update(*nxt)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_loading_from_an_empty_database_gives_empty_stats():
+    conn = sqlite3.connect(":memory:")
+    stats = MeterStats()
+    assert stats.load(conn) == 0
+    assert len(stats) == 0
+
+
+# -- score_file and bench --------------------------------------------------------------------
+
+
+def test_score_file_writes_scored_rows_in_time_order_and_counts_rejections(tmp_path):
+    from gateway.model.score_file import OUTPUT_COLUMNS, score_file
+
+    out = tmp_path / "scored.csv.gz"
+    result = score_file(SAMPLE, out, SHIPPED, METADATA, progress=False)
+    assert result["rows"] == 11_134
+    assert result["scored"] == 11_133
+    assert result["rejected_reasons"] == {"truncated row": 1}
+    assert result["rejected_rows"] == [(10_578, "truncated row: 17 fields, expected 19")]
+    with gzip.open(out, "rt") as f:
+        header = f.readline().rstrip("\n").split(",")
+        rows = [line.rstrip("\n").split(",") for line in f]
+    with gzip.open(SAMPLE, "rt") as f:
+        assert header == f.readline().rstrip("\n").split(",") + list(OUTPUT_COLUMNS)
+    assert len(rows) == 11_133
+    col = {name: i for i, name in enumerate(header)}
+    anomaly = [int(r[col["anomaly"]]) for r in rows]
+    assert sum(anomaly) == result["anomalies"]
+    assert all(float(r[col["expected"]]) >= 0 and float(r[col["anomaly_score"]]) >= 0 for r in rows)
+    # within a site (one UTC offset), local timestamps are non-decreasing when rows are in UTC order
+    site14 = [r[col["timestamp"]] for r in rows if r[col["site_id"]] == "14"]
+    assert site14 == sorted(site14)
+
+
+def test_score_file_rejects_unknown_buildings(tmp_path):
+    from gateway.model.score_file import score_file
+
+    with gzip.open(SAMPLE, "rt") as f:
+        lines = [f.readline() for _ in range(6)]
+    lines[2] = "99999" + lines[2][lines[2].index(",") :]
+    src = tmp_path / "in.csv"
+    src.write_text("".join(lines))
+    result = score_file(src, tmp_path / "out.csv", SHIPPED, METADATA, progress=False)
+    assert result["scored"] == 4
+    assert result["rejected_rows"] == [(3, "unknown building: 99999 is not in building_metadata.csv")]
+
+
+def test_bench_reports_both_rates():
+    from gateway.model.bench import bench_score
+
+    result = bench_score(SHIPPED, METADATA, n=20_000, batch=5_000)
+    assert result["score_rows_per_s"] > 0 and result["score_raw_rows_per_s"] > 0
+    assert result["score_ratio"] == pytest.approx(result["score_rows_per_s"] / result["score_raw_rows_per_s"], rel=0.01)
