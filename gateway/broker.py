@@ -168,6 +168,9 @@ class Mosquitto:
             "connection_messages true",
             "log_timestamp true",
             f"max_packet_size {self.max_packet_size}",
+            # A slow subscriber must never lose QoS 1 messages here: the default queue of 1000
+            # per client drops the rest silently, which a test would read as a lost reading.
+            "max_queued_messages 0",
             "allow_anonymous false",
             *([f"acl_file {self.acl_path}"] if self.acl is not None else []),
             "",

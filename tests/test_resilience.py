@@ -36,6 +36,35 @@ def keys_of(messages) -> list[tuple[str, int]]:
     return [(r[0], r[1]) for m in messages for r in decode(m.payload)["readings"]]
 
 
+class Received:
+    """Keys received so far, updated incrementally: a wait_for predicate runs under the
+    subscriber's lock on every message, so it must cost O(new messages), not O(all)."""
+
+    def __init__(self):
+        self.seen = 0
+        self.keys: set[tuple[str, int]] = set()
+        self.total = 0
+        self.missing: set[tuple[str, int]] | None = None
+
+    def update(self, messages) -> "Received":
+        for m in messages[self.seen:]:
+            for r in decode(m.payload)["readings"]:
+                k = (r[0], r[1])
+                self.keys.add(k)
+                self.total += 1
+                if self.missing is not None:
+                    self.missing.discard(k)
+        self.seen = len(messages)
+        return self
+
+    def at_least(self, n: int):
+        return lambda msgs: self.update(msgs).total >= n
+
+    def covers(self, expected: set):
+        self.missing = set(expected) - self.keys
+        return lambda msgs: not self.update(msgs).missing
+
+
 def write_config(tmp_path: Path, broker, certs, sources: list[dict], **extra) -> Path:
     client = certs.client(THING)
     conf = {
@@ -71,25 +100,27 @@ def test_kill_dash_nine_loses_nothing(tmp_path, broker, certs, subscriber):
     cmd = [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     kills = 0
+    got = Received()
     log = open(tmp_path / "gateway.log", "ab")
     for threshold in sorted(rng.sample(range(2_000, 36_000), 4)):
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=REPO)
-        reached = subscriber.wait_for(lambda msgs: len(keys_of(msgs)) >= threshold, timeout=60)
+        reached = subscriber.wait_for(got.at_least(threshold), timeout=60)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         assert reached, f"stalled before {threshold} readings: {(tmp_path / 'gateway.log').read_text()[-2000:]}"
         kills += 1
     final = subprocess.run(cmd + ["--exit-when-idle"], stdout=log, stderr=log, env=env, cwd=REPO, timeout=120)
     assert final.returncode == 0, (tmp_path / "gateway.log").read_text()[-3000:]
-    if not subscriber.wait_for(lambda msgs: set(keys_of(msgs)) >= expected, timeout=30):
+    if not subscriber.wait_for(got.covers(expected), timeout=30):
         lost = sorted(expected - set(keys_of(subscriber.snapshot())), key=lambda k: k[1])
         ticks_lost = sorted({ts for _, ts in lost})
         raise AssertionError(
             f"lost {len(lost)} readings in {len(ticks_lost)} ticks "
             f"{[(t - START_MS) // 60000 for t in ticks_lost][:50]}; log:\n"
-            + (tmp_path / "gateway.log").read_text()[-4000:])
+            + (tmp_path / "gateway.log").read_text()[-4000:] + "\nbroker log:\n" + broker.log()[-3000:])
     received = keys_of(subscriber.snapshot())
     assert set(received) == expected  # nothing lost, nothing invented
+    assert "dropped" not in broker.log()  # and the broker dropped nothing on the way
     duplicates = len(received) - len(set(received))
     in_flight_bound = 16 * 100 + 500  # window × readings per message + one claim
     assert duplicates <= kills * in_flight_bound, f"{duplicates} duplicates after {kills} kills"
@@ -129,8 +160,9 @@ def test_broker_outage_delivers_everything_live_first_then_backlog_in_order(tmp_
     ).read_text()), base=tmp_path)
     pub = GatedPublisher(publisher_for(broker, certs).start())
     gw = Gateway(config, publisher=pub).start()
+    got = Received()
     try:
-        assert subscriber.wait_for(lambda msgs: len(keys_of(msgs)) >= 2_000, timeout=30)
+        assert subscriber.wait_for(got.at_least(2_000), timeout=30)
         broker.stop()
         pub.gate.clear()
         before = len(subscriber.snapshot())
@@ -154,7 +186,7 @@ def test_broker_outage_delivers_everything_live_first_then_backlog_in_order(tmp_
     finally:
         gw.stop()
     expected = expected_simulator_keys(meters, ticks)
-    assert subscriber.wait_for(lambda msgs: set(keys_of(msgs)) >= expected, timeout=30)
+    assert subscriber.wait_for(got.covers(expected), timeout=30)
     received = keys_of(subscriber.snapshot())
     assert set(received) == expected
 
@@ -185,6 +217,6 @@ def test_run_on_the_bundled_sample_delivers_every_valid_reading(tmp_path, broker
     out = subprocess.run([sys.executable, "-m", "gateway.cli", "run", "--config", str(config), "--exit-when-idle"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert subscriber.wait_for(lambda msgs: set(keys_of(msgs)) >= expected, timeout=30)
+    assert subscriber.wait_for(Received().covers(expected), timeout=30)
     assert set(keys_of(subscriber.snapshot())) == expected
     assert "11133 stored, 11133 delivered, 1 quarantined" in out.stdout
