@@ -103,6 +103,7 @@ class Forwarder:
         self._scorer = scorer
         self.clock = clock
         self.wake = threading.Event()
+        self.settled = threading.Condition()  # notified whenever publishes complete
         self._done: queue.SimpleQueue[tuple[int, BaseException | None]] = queue.SimpleQueue()
         self._inflight: dict[int, _InFlight] = {}
         self._failed: BaseException | None = None
@@ -267,7 +268,14 @@ class Forwarder:
             self.backoff.reset()
         if any_done:
             self._last_progress = self.clock()
+            with self.settled:
+                self.settled.notify_all()
         return any_done
+
+    def wait_settled(self, timeout: float) -> bool:
+        """Wait until nothing is in flight (another thread runs the loop); False on timeout."""
+        with self.settled:
+            return self.settled.wait_for(lambda: not self._inflight, timeout)
 
     def _check_timeouts(self) -> None:
         if not self._inflight:
