@@ -4,11 +4,13 @@ For each meter the gateway keeps its last :attr:`MeterStats.window` residuals (l
 ``log_actual − log_pred``) in a ring buffer. A reading is judged only against residuals of
 readings *before* it:
 
-- expected value (log1p space) = model prediction + a robust recent offset: a weighted blend of
-  the last two residuals (each clipped to within ``clip`` robust scales of the window median,
-  so one spike cannot drag the next expectations) and the medians of the last 6, 12 and 24;
-- anomaly score = ``|log_actual − expected| / scale``, where scale is 1.4826 × the median of the
-  meter's last ``window`` absolute errors of that same expectation (a MAD of its one-step-ahead
+- expected value (log1p space) = model prediction + a recent offset: a weighted blend of the
+  last two residuals and the medians of the last 6, 12 and 24 (:data:`OFFSET_WEIGHTS`); the last
+  two are clipped to ``clip`` scales around the window median;
+- the anomaly score is measured from the same blend with the last two residuals clipped much
+  tighter (``score_clip``), so one spike cannot make the next good reading look anomalous;
+- anomaly score = ``|log_actual − centre| / scale``, where scale is 1.4826 × the median of the
+  meter's last ``window`` absolute errors from that centre (a MAD of its one-step-ahead
   errors), floored at :attr:`MeterStats.min_scale` so a flat meter does not turn every wiggle
   into an alarm;
 - anomaly flag = score ≥ :attr:`MeterStats.threshold`.
