@@ -130,6 +130,9 @@ def test_training_and_inference_features_are_identical(buildings):
     X_infer = featurize(buildings, building, meter, ts, weather)
     assert X_train.shape == X_infer.shape == (11_133, len(FEATURE_NAMES))
     np.testing.assert_array_equal(X_train, X_infer)  # NaN == NaN here
+    # training without a metadata file takes the same metadata from the readings' own columns
+    _, _, X_own, _ = load_training_data(SAMPLE)
+    np.testing.assert_array_equal(X_own, X_infer)
     assert np.isnan(X_train).any()  # the sample has weather gaps, and they survive as NaN
     assert np.array_equal(ly, np.log1p(table.meter_reading))
 

@@ -148,16 +148,18 @@ class Buildings:
         return out
 
     def ids(self, building_ids) -> np.ndarray:
-        """Integer ids from ints or strings; anything not an integer id becomes -1."""
+        """Integer ids from ints, integral floats or digit strings; anything else becomes -1."""
         arr = np.asarray(building_ids)
         if arr.dtype.kind in "iu":
             return arr.astype(np.int64, copy=False)
         out = np.full(arr.shape, -1, dtype=np.int64)
-        for i, b in enumerate(arr.tolist()):  # only for string input (rare, small batches)
-            try:
-                out[i] = int(b)
-            except (TypeError, ValueError):
-                pass
+        if arr.dtype.kind == "f":
+            ok = np.isfinite(arr) & (arr == np.round(arr)) & (arr >= 0)
+            out[ok] = arr[ok].astype(np.int64)
+            return out
+        text = arr.astype(str)
+        ok = np.char.isdigit(text) & (np.char.str_len(text) <= 18)
+        out[ok] = text[ok].astype(np.int64)
         return out
 
     def is_known(self, building_ids) -> np.ndarray:
