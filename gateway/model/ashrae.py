@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,14 +104,15 @@ def read(path: str | Path, progress=None) -> Table:
         mpos = [(name, pos[name]) for name in METADATA_COLUMNS if name in pos]
         has_meta = len(mpos) == len(METADATA_COLUMNS)
 
+        # numeric columns grow in compact stdlib arrays (8 bytes a value, no object per value)
         lines: list[str] = []
-        line_no: list[int] = []
-        bid: list[int] = []
-        met: list[int] = []
-        site: list[int] = []
+        line_no = array("q")
+        bid = array("q")
+        met = array("q")
+        site = array("q")
         stamp: list[str] = []
-        value: list[float] = []
-        wcols: dict[str, list[float]] = {name: [] for name in WEATHER_FIELDS}
+        value = array("d")
+        wcols = {name: array("d") for name in WEATHER_FIELDS}
         seen: dict[int, dict] = {}
         rejected: list[tuple[int, str]] = []
         nan = np.nan
@@ -174,7 +176,7 @@ def read(path: str | Path, progress=None) -> Table:
             if has_meta and b not in seen:
                 seen[b] = {name: fields[p] for name, p in mpos}
 
-    site_arr = np.array(site, dtype=np.int64)
+    site_arr = np.frombuffer(site, dtype=np.int64).copy()
     try:
         local = np.array(stamp, dtype="datetime64[s]")
     except ValueError:
@@ -189,14 +191,14 @@ def read(path: str | Path, progress=None) -> Table:
     table = Table(
         header=header,
         lines=lines,
-        line_no=np.array(line_no, dtype=np.int64),
-        building_id=np.array(bid, dtype=np.int64),
-        meter=np.array(met, dtype=np.int64),
+        line_no=np.frombuffer(line_no, dtype=np.int64).copy(),
+        building_id=np.frombuffer(bid, dtype=np.int64).copy(),
+        meter=np.frombuffer(met, dtype=np.int64).copy(),
         site_id=site_arr,
         timestamp=local,
         ts_ms=np.zeros(len(lines), dtype=np.int64),
-        meter_reading=np.array(value, dtype=np.float64),
-        weather={name: np.array(col, dtype=np.float64) for name, col in wcols.items()},
+        meter_reading=np.frombuffer(value, dtype=np.float64).copy(),
+        weather={name: np.frombuffer(col, dtype=np.float64).copy() for name, col in wcols.items()},
         metadata=list(seen.values()),
         rejected=rejected,
     )
