@@ -221,3 +221,14 @@ def test_bench_reports_both_rates():
     result = bench_score(SHIPPED, METADATA, n=20_000, batch=5_000)
     assert result["score_rows_per_s"] > 0 and result["score_raw_rows_per_s"] > 0
     assert result["score_ratio"] == pytest.approx(result["score_rows_per_s"] / result["score_raw_rows_per_s"], rel=0.01)
+
+
+def test_default_paths_find_the_shipped_model_and_honour_overrides(monkeypatch, tmp_path):
+    from gateway.model.paths import default_buildings, default_model
+
+    assert default_model() == SHIPPED
+    assert default_buildings() == METADATA
+    monkeypatch.setenv("GATEWAY_MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("GATEWAY_BUILDINGS_CSV", str(tmp_path / "none.csv"))
+    assert default_model() is None
+    assert default_buildings() is None
