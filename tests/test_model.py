@@ -232,3 +232,24 @@ def test_default_paths_find_the_shipped_model_and_honour_overrides(monkeypatch, 
     monkeypatch.setenv("GATEWAY_BUILDINGS_CSV", str(tmp_path / "none.csv"))
     assert default_model() is None
     assert default_buildings() is None
+
+
+def test_readings_not_to_learn_are_judged_but_leave_the_history_alone():
+    pred, actual = np.full(10, 4.0), _steady(10, level=5.0)
+    learned, judged = MeterStats(), MeterStats()
+    learned.update(["m"] * 10, pred, actual)
+    judged.update(["m"] * 10, pred, actual)
+    replay = judged.update(["m"] * 3, pred[:3], actual[:3] + 2.0, learn=np.zeros(3, bool))
+    np.testing.assert_array_equal(replay[0], np.full(3, replay[0][0]))  # each judged on the same history
+    assert (judged.flag(replay[1])).all()
+    nxt = (["m"], pred[:1], actual[:1])
+    assert learned.update(*nxt)[1][0] == judged.update(*nxt)[1][0]
+
+
+def test_save_on_an_autocommit_connection_is_one_transaction(tmp_path):
+    stats = MeterStats()
+    stats.update(["a", "b"], np.array([1.0, 2.0]), np.array([1.5, 2.5]))
+    conn = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    stats.save(conn)
+    assert not conn.in_transaction
+    assert sorted(r[0] for r in conn.execute("SELECT meter_key FROM meter_stats")) == ["a", "b"]

@@ -149,17 +149,25 @@ class MeterStats:
 
         return blend(self.clip), blend(self.score_clip), scale
 
-    def update(self, meter_keys, log_pred: np.ndarray, log_actual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def update(
+        self, meter_keys, log_pred: np.ndarray, log_actual: np.ndarray, learn: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Judge a batch of readings in order, then learn from them.
 
         Returns ``(log_expected, score)``: the corrected expectation in log1p space (clipped at 0)
         and the anomaly score of each reading, both from the meter's history before it.
+        ``learn`` (bool per reading, default all True): False judges a reading without adding it
+        to its meter's history (a reading sent again after a crash must not be learned twice).
         """
         log_pred = np.asarray(log_pred, dtype=np.float64).reshape(-1)
         log_actual = np.asarray(log_actual, dtype=np.float64).reshape(-1)
         ids = self._ids(meter_keys)
         if not (len(ids) == len(log_pred) == len(log_actual)):
             raise ModelError(f"update: {len(ids)} keys, {len(log_pred)} predictions, {len(log_actual)} actuals")
+        if learn is not None:
+            learn = np.asarray(learn, dtype=bool).reshape(-1)
+            if len(learn) != len(ids):
+                raise ModelError(f"update: {len(ids)} keys but {len(learn)} learn flags")
         expected = np.empty(len(ids))
         score = np.empty(len(ids))
         if len(ids) == 0:
@@ -182,6 +190,9 @@ class MeterStats:
             expected[sel] = e
             err = np.abs(log_actual[sel] - np.maximum(log_pred[sel] + score_offset, 0.0))
             score[sel] = err / scale
+            if learn is not None:
+                keep = learn[sel]
+                m, sel, err = m[keep], sel[keep], err[keep]
             self._buf[m, self._pos[m]] = log_actual[sel] - log_pred[sel]
             self._err[m, self._pos[m]] = err
             self._pos[m] = (self._pos[m] + 1) % w
@@ -206,8 +217,11 @@ class MeterStats:
             k = int(min(self._count[i], w))
             rows.append((key, int(self._count[i]), w, chrono[i, w - k :].astype("<f8").tobytes(),
                          errors[i, w - k :].astype("<f8").tobytes()))  # fmt: skip
+        own = not conn.in_transaction  # one transaction, also on an autocommit connection
         try:
-            with conn:
+            if own:
+                conn.execute("BEGIN")
+            try:
                 conn.execute(_CREATE)
                 conn.executemany(
                     "INSERT INTO meter_stats (meter_key, n_seen, window, residuals, errors) VALUES (?, ?, ?, ?, ?) "
@@ -215,6 +229,12 @@ class MeterStats:
                     "residuals=excluded.residuals, errors=excluded.errors",
                     rows,
                 )
+            except BaseException:
+                if own:
+                    conn.execute("ROLLBACK")
+                raise
+            if own:
+                conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise ModelError(f"meter_stats: cannot save: {exc}") from exc
 
