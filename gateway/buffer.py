@@ -22,10 +22,12 @@ Sending by cursor
     (:meth:`Buffer.reclaim`), one statement for thousands of readings.
 
 Live first
-    When the oldest unsent reading is more than ``live_window_ms`` (data time) behind the
-    newest, the buffer opens a *live lane* above a floor key: new readings are claimed there
-    first, and the *backlog lane* drains what lies below the floor in time order. When the
-    backlog reaches the floor the lanes merge.
+    A reading is live when it is less than ``live_window_ms`` older than the clock. When the
+    newest reading is live and the oldest unsent one is more than ``live_window_ms`` behind it
+    (an outage left a backlog), the buffer opens a *live lane* above a floor key: readings
+    inside the window are claimed there first, and the *backlog lane* drains what lies below
+    the floor in time order. When the backlog reaches the floor the lanes merge. A backfill of
+    old data has nothing live, so it goes in time order.
 
 Late readings
     A reading whose key falls below a lane's claim frontier (another source's older data, a
@@ -557,6 +559,8 @@ class Buffer:
     def _maybe_open_live(self) -> None:
         if self.live is not None or self._newest == BOTTOM:
             return
+        if self._newest[0] < self.clock() * 1000 - self.live_window_ms:
+            return  # nothing is live by the clock (a backfill of old data): keep time order
         nxt = self.db.execute(
             f"SELECT ts FROM readings WHERE {_after(self.backlog.frontier)[0]} ORDER BY ts, meter LIMIT 1",
             _after(self.backlog.frontier)[1],

@@ -176,8 +176,13 @@ def test_backlog_goes_in_time_order(buf):
     assert len(rows) == 900
 
 
+def at(minutes: int):
+    """A clock that reads T0 + ``minutes``: the readings' own time is now."""
+    return lambda: (T0 + minutes * MIN) / 1000
+
+
 def test_live_readings_go_ahead_of_the_backlog(db_path):
-    b = Buffer(db_path, live_window_ms=10 * MIN)
+    b = Buffer(db_path, live_window_ms=10 * MIN, clock=at(120))
     b.put(readings(120))  # two hours of backlog
     first = b.claim(5)
     assert first.lane == "live"
@@ -195,14 +200,23 @@ def test_live_readings_go_ahead_of_the_backlog(db_path):
 
 
 def test_live_lane_survives_restart(db_path):
-    b = Buffer(db_path, live_window_ms=10 * MIN)
+    b = Buffer(db_path, live_window_ms=10 * MIN, clock=at(60))
     b.put(readings(60))
     b.ack(b.claim(100))  # the live lane's readings
     b.close()
-    b = Buffer(db_path, live_window_ms=10 * MIN)
+    b = Buffer(db_path, live_window_ms=10 * MIN, clock=at(60))
     assert b.live is not None and b.pending() == 50
     rows = drain(b)
     assert len(rows) == 50 and max(r[0] for r in rows) < T0 + 50 * MIN
+    b.close()
+
+
+def test_a_backfill_of_old_data_goes_in_time_order(db_path):
+    b = Buffer(db_path, live_window_ms=10 * MIN, clock=at(10 * 365 * 24 * 60))  # ten years later
+    b.put(readings(120))
+    rows = drain(b, 7)
+    assert b.live_floors == []  # nothing is live by the clock: no live lane
+    assert [r[0] for r in rows] == [T0 + i * MIN for i in range(120)]
     b.close()
 
 

@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -82,8 +84,8 @@ def write_config(tmp_path: Path, broker, certs, sources: list[dict], **extra) ->
     return path
 
 
-def expected_simulator_keys(meters: int, ticks: int) -> set[tuple[str, int]]:
-    src = SimulatorSource("sim", meters=meters, seed=3, start_ms=START_MS, speed=None, count=ticks)
+def expected_simulator_keys(meters: int, ticks: int, start_ms: int = START_MS) -> set[tuple[str, int]]:
+    src = SimulatorSource("sim", meters=meters, seed=3, start_ms=start_ms, speed=None, count=ticks)
     return {(r.meter_id, r.ts) for b in src.batches(None, threading.Event()) for r in b.readings}
 
 
@@ -152,9 +154,12 @@ class GatedPublisher:
 
 def test_broker_outage_delivers_everything_live_first_then_backlog_in_order(tmp_path, broker, certs, subscriber):
     meters, ticks = 50, 300  # 15,000 readings; 20 ticks a second of wall time
+    # Live means recent by the clock: the simulated fleet starts now.
+    start_ms = int(time.time() // 60 * 60_000)
+    start = datetime.fromtimestamp(start_ms / 1000, timezone.utc).isoformat()
     config = validate(yaml.safe_load(write_config(
         tmp_path, broker, certs,
-        [{"type": "simulator", "name": "sim", "meters": meters, "seed": 3, "start": START,
+        [{"type": "simulator", "name": "sim", "meters": meters, "seed": 3, "start": start,
           "speed": 1200.0, "count": ticks}],
         buffer={"live_window_s": 600},
     ).read_text()), base=tmp_path)
@@ -190,7 +195,7 @@ def test_broker_outage_delivers_everything_live_first_then_backlog_in_order(tmp_
         assert gw.wait(until_idle=True, timeout=120), gw.status()
     finally:
         gw.stop()
-    expected = expected_simulator_keys(meters, ticks)
+    expected = expected_simulator_keys(meters, ticks, start_ms)
     assert subscriber.wait_for(got.covers(expected), timeout=30)
     received = keys_of(subscriber.snapshot())
     assert set(received) == expected
