@@ -107,6 +107,9 @@ def status(config_path: str | None, db: str | None, as_json: bool) -> None:
     try:
         buf = _open_buffer(config_path, db)
         st = buf.status()
+        from gateway.model.scoring import stored_status
+
+        st["scoring"] = stored_status(buf.db)
         buf.close()
     except GatewayError as exc:
         _fail(exc, config_path)
@@ -133,6 +136,14 @@ def status(config_path: str | None, db: str | None, as_json: bool) -> None:
         ("evictions", f"{st['evicted_oldest']:,} oldest dropped, {st['rejected_newest']:,} newest refused"),
         ("live lane", "open (backlog draining behind live readings)" if st["live_lane"] else "closed"),
     ]
+    sc = st.get("scoring")
+    if sc:
+        model = sc["model"]
+        rows.append(("model", f"{model['version']}" + (f" (last swap refused: {model['last_error']})"
+                                                        if model.get("last_error") else "")))
+        rows.append(("scored / flagged", f"{sc['scored']:,} / {sc['flagged']:,} anomalies"))
+        why = "; ".join(f"{k} ({v:,})" for k, v in sc["unscored_reasons"].items())
+        rows.append(("not scored", f"{sc['unscored']:,}" + (f": {why}" if why else "")))
     for k, v in rows:
         t.add_row(k, v)
     Console().print(t)

@@ -344,11 +344,18 @@ def _model_section(c: _Checker, top: dict) -> dict:
     out = {
         "enabled": c.get("model", m, "enabled", bool, True),
         "threads": c.get("model", m, "threads", int, 1, check=between(1, 64)),
-        "threshold": c.get("model", m, "threshold", (int, float), 4.0, check=gt(0)),
+        "threshold": c.get("model", m, "threshold", (int, float), 3.5, check=gt(0)),
     }
     if "path" in m:
         out["path"] = c.path("model.path", c.get("model", m, "path", str, ""))
-    out["buildings"] = c.path("model.buildings", c.get("model", m, "buildings", str, "data/building_metadata.csv"))
+    if "buildings" in m:
+        out["buildings"] = c.path("model.buildings", c.get("model", m, "buildings", str, ""))
+    else:
+        from gateway.model.paths import default_buildings
+
+        out["buildings"] = default_buildings()
+        if out["buildings"] is None:
+            c.fail("model.buildings", "is required (no bundled data/building_metadata.csv to default to)")
     return out
 
 

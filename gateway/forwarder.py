@@ -38,11 +38,9 @@ log = logging.getLogger(__name__)
 class Scorer(Protocol):
     """What the forwarder needs of a scorer: scored rows for a claim's rows."""
 
-    version: str
-
-    def score_rows(self, rows: list[tuple[int, int, float]], meters: dict) -> list[list]:
-        """``[meter key, ts, value, expected, score, flag]`` per row, or None for a row that
-        cannot be scored (it is forwarded raw only)."""
+    def score_rows(self, rows: list[tuple[int, int, float]], meters: dict) -> tuple[str, list[list | None]]:
+        """The version of the model used, and ``[meter key, ts, value, expected, score, flag]``
+        per row, or None for a row that cannot be scored (it is forwarded raw only)."""
         ...
 
 
@@ -87,7 +85,7 @@ class Forwarder:
         qos: int = 1,
         ack_timeout_s: float = 30.0,
         backoff: Backoff | None = None,
-        scorer: Scorer | Callable[[], Scorer | None] | None = None,
+        scorer: Scorer | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.buffer = buffer
@@ -100,7 +98,7 @@ class Forwarder:
         self.qos = qos
         self.ack_timeout_s = ack_timeout_s
         self.backoff = backoff or Backoff()
-        self._scorer = scorer
+        self.scorer = scorer
         self.clock = clock
         self.wake = threading.Event()
         self.settled = threading.Condition()  # notified whenever publishes complete
@@ -111,6 +109,7 @@ class Forwarder:
         self.published = 0
         self.failures = 0
         self.unscored = 0
+        self.scoring_error: str | None = None
         buffer.add_listener(self.wake.set)
 
     # ------------------------------------------------------------------ the loop
@@ -167,10 +166,6 @@ class Forwarder:
 
     # ------------------------------------------------------------------ sending
 
-    def scorer(self) -> Scorer | None:
-        s = self._scorer
-        return s() if callable(s) and not hasattr(s, "score_rows") else s
-
     def _messages(self, claim: Claim) -> list[tuple[str, bytes, int]]:
         """(topic, payload, readings) for every message of a claim."""
         meters = self.buffer.meters
@@ -183,9 +178,17 @@ class Forwarder:
             name = topic(self.app, site, self.thing, "raw")
             for payload, part in chunks(self.thing, site, rows, self.batch_size):
                 out.append((name, payload, len(part)))
-        scorer = self.scorer()
-        if scorer is not None:
-            scored = scorer.score_rows(claim.rows, meters)
+        if self.scorer is not None:
+            try:
+                version, scored = self.scorer.score_rows(claim.rows, meters)
+            except Exception as exc:  # scoring never stops delivery: the raw readings still go
+                self.unscored += len(claim.rows)
+                reason = f"{type(exc).__name__}: {exc}"
+                if reason != self.scoring_error:
+                    log.error("scoring failed, forwarding raw only: %s", reason)
+                self.scoring_error = reason
+                return out
+            self.scoring_error = None
             by_site = {}
             for (ts, mid, value), srow in zip(claim.rows, scored):
                 if srow is None:
@@ -194,7 +197,7 @@ class Forwarder:
                 by_site.setdefault(meters[mid].site, []).append(srow)
             for site, rows in by_site.items():
                 name = topic(self.app, site, self.thing, "scored")
-                for payload, part in chunks(self.thing, site, rows, self.batch_size, model=scorer.version):
+                for payload, part in chunks(self.thing, site, rows, self.batch_size, model=version):
                     out.append((name, payload, len(part)))
         return out
 
@@ -297,5 +300,6 @@ class Forwarder:
             "published": self.published,
             "failures": self.failures,
             "unscored": self.unscored,
+            "scoring_error": self.scoring_error,
             "connected": self.publisher.connected,
         }

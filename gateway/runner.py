@@ -55,8 +55,30 @@ def build_publisher(config: Config) -> Publisher:
     return pub.start()
 
 
+def build_scorer(config: Config, db_path: Any) -> Any:
+    """The forwarder's scorer from ``model:`` and ``weather:``, or None when scoring is off.
+
+    A model that fails its checks raises ModelError: the gateway does not start with it."""
+    m = config.model
+    if not m or not m.get("enabled", True):
+        return None
+    from gateway.model.features import Buildings
+    from gateway.model.online import MeterStats
+    from gateway.model.scoring import ModelHolder, ReadingScorer
+
+    holder = ModelHolder(m["path"], threads=m["threads"])
+    weather, max_age = None, 3 * 3600 * 1000
+    if config.weather:
+        from gateway.sources.weather import WeatherReplay
+
+        weather = WeatherReplay(config.weather["path"]).table(retain_ms=None)
+        max_age = config.weather["max_age_ms"]
+    return ReadingScorer(holder, Buildings.from_csv(m["buildings"]), stats=MeterStats(threshold=m["threshold"]),
+                         weather=weather, weather_max_age_ms=max_age, db_path=db_path)
+
+
 class Gateway:
-    """The running gateway. ``publisher`` and ``sources`` may be injected (tests)."""
+    """The running gateway. ``publisher``, ``sources`` and ``scorer`` may be injected (tests)."""
 
     def __init__(self, config: Config, *, publisher: Publisher | None = None,
                  sources: list[Source] | None = None, scorer: Any = None):
@@ -65,6 +87,13 @@ class Gateway:
         self.buffer = Buffer(b["path"], budget_bytes=b["budget_bytes"], policy=b["policy"],
                              live_window_ms=b["live_window_ms"], synchronous=b["synchronous"])
         self.sources = sources if sources is not None else [build_source(s) for s in config.sources]
+        if scorer is None:
+            try:
+                scorer = build_scorer(config, b["path"])
+            except Exception:
+                self.buffer.close()
+                raise
+        self.scorer = scorer
         self.publisher = publisher if publisher is not None else build_publisher(config)
         f = config.forwarder
         self.forwarder = Forwarder(
@@ -133,7 +162,12 @@ class Gateway:
         if self._forwarder_thread is not None:
             self._forwarder_thread.join(drain_timeout_s + 5)
         self.publisher.close()
+        if self.scorer is not None and hasattr(self.scorer, "close"):
+            self.scorer.close()
         self.buffer.close()
 
     def status(self) -> dict:
-        return {**self.buffer.status(), "forwarder": self.forwarder.status(), "source_errors": self.source_errors}
+        st = {**self.buffer.status(), "forwarder": self.forwarder.status(), "source_errors": self.source_errors}
+        if self.scorer is not None and hasattr(self.scorer, "status"):
+            st["scoring"] = self.scorer.status()
+        return st

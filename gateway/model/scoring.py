@@ -1,0 +1,246 @@
+"""Scoring in the agent: every claim from the buffer, featurized, scored, learned, forwarded.
+
+:class:`ModelHolder` owns the model in use and replaces it by a hot swap:
+
+1. load the new folder's ONNX session;
+2. check its metadata (feature names and order) against :mod:`gateway.model.features`;
+3. run the golden vectors stored with it;
+4. swap the reference in one assignment.
+
+Steps 1-3 are :class:`~gateway.model.scorer.Scorer`'s constructor; any failure raises
+:class:`~gateway.errors.ModelError`, the old model stays, and the reason is kept for
+``gateway status``. The forwarder asks for the scorer once per claim, so every claim is scored
+by exactly one model: a swap loses no reading and scores none twice.
+
+:class:`ReadingScorer` is what the forwarder calls (``score_rows``). For a claim's rows it
+looks up each building's metadata and the latest weather of its site (stale or missing weather
+becomes NaN features, never a stop), featurizes in one vectorized call, runs onnxruntime, and
+updates the per-meter online statistics (:class:`~gateway.model.online.MeterStats`), which
+correct the model with the meter's own recent residuals and give the anomaly score. A reading
+whose building has no metadata cannot be scored: it is forwarded raw only, counted, and named
+in ``gateway status``.
+
+Online learning is idempotent per meter: a reading at or before the newest one a meter has
+learned from (a claim sent again after a failure or a crash) is judged but not learned twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sqlite3
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from gateway.errors import ModelError
+from gateway.model.features import WEATHER_FIELDS, Buildings, featurize
+from gateway.model.online import MeterStats
+from gateway.model.scorer import Scorer
+from gateway.readings import METER_CODE
+
+log = logging.getLogger(__name__)
+
+
+def model_stamp(path: Path) -> tuple:
+    """What identifies a model folder's content cheaply: its manifest's and model's mtimes and sizes."""
+    out = []
+    for name in ("manifest.json", "model.onnx", "golden.json"):
+        try:
+            st = (path / name).stat()
+            out.append((name, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((name, None, None))
+    return tuple(out)
+
+
+class ModelHolder:
+    """The model in use; :meth:`swap` or :meth:`maybe_reload` replace it only with a verified one."""
+
+    def __init__(self, path: str | Path, *, threads: int = 1, check_every_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic, loader: Callable[..., Scorer] = Scorer):
+        self.threads = threads
+        self.check_every_s = check_every_s
+        self.clock = clock
+        self.loader = loader
+        self.path = Path(path)
+        self.current: Scorer = loader(self.path, intra_op_threads=threads)  # a bad first model: raise
+        self._stamp = model_stamp(self.path)
+        self._next_check = clock() + check_every_s
+        self._lock = threading.Lock()
+        self.swaps = 0
+        self.last_error: str | None = None
+        self.history: list[tuple[str, str]] = [("loaded", self.current.version)]
+
+    @property
+    def version(self) -> str:
+        return self.current.version
+
+    def swap(self, path: str | Path) -> bool:
+        """Load, verify and swap in the model at ``path``. False (old model kept) on failure."""
+        path = Path(path)
+        with self._lock:
+            try:
+                new = self.loader(path, intra_op_threads=self.threads)
+            except ModelError as exc:
+                self.last_error = f"kept {self.current.version}: {exc}"
+                self.history.append(("refused", str(exc)))
+                log.error("model swap refused, %s", self.last_error)
+                return False
+            old = self.current.version
+            self.current = new  # one reference assignment: the swap
+            self.path = path
+            self._stamp = model_stamp(path)
+            self.swaps += 1
+            self.last_error = None
+            self.history.append(("swapped", f"{old} -> {new.version}"))
+            log.warning("model swapped: %s -> %s", old, new.version)
+            return True
+
+    def maybe_reload(self) -> bool:
+        """Swap when the folder's content changed (a model component deployed over it)."""
+        now = self.clock()
+        if now < self._next_check:
+            return False
+        self._next_check = now + self.check_every_s
+        stamp = model_stamp(self.path)
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp  # try each new content once; a refused one is not retried in a loop
+        return self.swap(self.path)
+
+    def status(self) -> dict:
+        return {"version": self.current.version, "path": str(self.path), "swaps": self.swaps,
+                "last_error": self.last_error}
+
+
+class ReadingScorer:
+    """The forwarder's scorer: ``score_rows(rows, meters)`` → scored rows, or None per unscorable row."""
+
+    def __init__(self, holder: ModelHolder, buildings: Buildings, *, stats: MeterStats | None = None,
+                 weather=None, weather_max_age_ms: int = 3 * 3600 * 1000, db_path: str | Path | None = None,
+                 save_every_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        self.holder = holder
+        self.buildings = buildings
+        self.stats = stats or MeterStats()
+        self.weather = weather
+        self.weather_max_age_ms = weather_max_age_ms
+        self.db_path = Path(db_path) if db_path else None
+        self.save_every_s = save_every_s
+        self.clock = clock
+        self._last_save = clock()
+        self.last_ts: dict[str, int] = {}
+        self.unscored: Counter = Counter()  # reason → readings
+        self.scored = 0
+        self.flagged = 0
+        self._db: sqlite3.Connection | None = None
+        if self.db_path is not None:
+            self._db = sqlite3.connect(str(self.db_path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self.stats.load(self._db)
+            self._db.execute("CREATE TABLE IF NOT EXISTS meter_learned(meter_key TEXT PRIMARY KEY,"
+                             " last_ts INTEGER NOT NULL) WITHOUT ROWID")
+            self.last_ts = dict(self._db.execute("SELECT meter_key, last_ts FROM meter_learned"))
+
+    @property
+    def version(self) -> str:
+        return self.holder.version
+
+    def score_rows(self, rows: list[tuple[int, int, float]], meters: dict) -> tuple[str, list[list | None]]:
+        """(version of the model used, a scored row or None per row). One model per call."""
+        self.holder.maybe_reload()
+        model = self.holder.current
+        n = len(rows)
+        out: list[list | None] = [None] * n
+        if n == 0:
+            return model.version, out
+        infos = [meters[r[1]] for r in rows]
+        buildings = np.array([m.building for m in infos])
+        known = self.buildings.is_known(buildings) if len(buildings) else np.zeros(0, bool)
+        if not known.all():
+            for m, ok in zip(infos, known):
+                if not ok:
+                    self.unscored[f"building {m.building}: no metadata"] += 1
+        idx = np.flatnonzero(known)
+        if len(idx) == 0:
+            return model.version, out
+        ts = np.fromiter((rows[i][0] for i in idx), dtype=np.int64, count=len(idx))
+        values = np.fromiter((rows[i][2] for i in idx), dtype=np.float64, count=len(idx))
+        codes = np.fromiter((METER_CODE[infos[i].meter] for i in idx), dtype=np.int64, count=len(idx))
+        keys = [infos[i].key for i in idx]
+        b = buildings[idx]
+        weather = self._weather(self.buildings.site_of(b), ts)
+        X = featurize(self.buildings, b, codes, ts, weather)
+        pred = model.predict_log(X)
+        actual = np.log1p(values)
+        learn = self._learn_mask(keys, ts)
+        expected, score = self.stats.update(keys, pred, actual, learn=learn)
+        flags = self.stats.flag(score)
+        exp_kwh = np.expm1(expected)
+        for j, i in enumerate(idx):
+            out[i] = [keys[j], int(ts[j]), float(values[j]), round(float(exp_kwh[j]), 4),
+                      round(float(score[j]), 3) if math.isfinite(score[j]) else None, int(flags[j])]
+        self.scored += len(idx)
+        self.flagged += int(flags.sum())
+        if self._db is not None and self.clock() - self._last_save >= self.save_every_s:
+            self.save()
+        return model.version, out
+
+    def _learn_mask(self, keys: list[str], ts: np.ndarray) -> np.ndarray:
+        last = self.last_ts
+        learn = np.empty(len(keys), dtype=bool)
+        for j, (k, t) in enumerate(zip(keys, ts.tolist())):
+            prev = last.get(k)
+            if prev is None or t > prev:
+                learn[j] = True
+                last[k] = t
+            else:
+                learn[j] = False
+        return learn
+
+    def _weather(self, sites: np.ndarray, ts: np.ndarray) -> dict[str, np.ndarray]:
+        if self.weather is None:
+            return {name: np.full(len(ts), np.nan) for name in WEATHER_FIELDS}
+        return self.weather.lookup([str(int(s)) for s in sites], ts, max_age_ms=self.weather_max_age_ms)
+
+    def save(self) -> None:
+        """Persist the per-meter statistics (and what each meter has learned up to)."""
+        if self._db is None:
+            return
+        self.stats.save(self._db)
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.executemany("INSERT OR REPLACE INTO meter_learned VALUES(?, ?)", list(self.last_ts.items()))
+        self._db.execute("CREATE TABLE IF NOT EXISTS scoring_status(key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID")
+        self._db.execute("INSERT OR REPLACE INTO scoring_status VALUES('status', ?)", (json.dumps(self.status()),))
+        self._db.execute("COMMIT")
+        self._last_save = self.clock()
+
+    def close(self) -> None:
+        if self._db is not None:
+            self.save()
+            self._db.close()
+            self._db = None
+
+    def status(self) -> dict:
+        return {
+            "model": self.holder.status(),
+            "scored": self.scored,
+            "flagged": self.flagged,
+            "unscored": sum(self.unscored.values()),
+            "unscored_reasons": dict(self.unscored.most_common(10)),
+            "meters_learned": len(self.stats),
+        }
+
+
+def stored_status(conn: sqlite3.Connection) -> dict | None:
+    """The scoring status a running (or stopped) gateway last saved beside its buffer, or None."""
+    try:
+        row = conn.execute("SELECT value FROM scoring_status WHERE key = 'status'").fetchone()
+    except sqlite3.Error:
+        return None
+    return json.loads(row[0]) if row else None
