@@ -224,5 +224,73 @@ def demo(workdir: str, no_model: bool) -> None:
         sys.exit(1)
 
 
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
+@click.argument("output_path", metavar="OUTPUT", type=click.Path(dir_okay=False))
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False),
+              help="Model folder (default: the shipped models/ashrae-lgbm).")
+@click.option("--buildings", "buildings_csv", type=click.Path(exists=True, dir_okay=False),
+              help="Building metadata CSV (default: the bundled data/building_metadata.csv).")
+@click.option("--threshold", type=float, help="Anomaly threshold on the score (default: the model's).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def score(input_path: str, output_path: str, model_dir: str | None, buildings_csv: str | None,
+          threshold: float | None, quiet: bool) -> None:
+    """Score a CSV or CSV.GZ of readings in the ASHRAE columns, in time order, learning each
+    meter as the gateway would. OUTPUT gets the input columns plus expected_model, expected,
+    anomaly_score and anomaly; rejected rows are counted with their reasons on stderr."""
+    from gateway.model.paths import default_buildings, default_model
+    from gateway.model.score_file import score_file
+
+    model_dir = model_dir or default_model()
+    buildings_csv = buildings_csv or default_buildings()
+    if model_dir is None:
+        _fail(GatewayError("no model: give --model (no shipped models/ashrae-lgbm was found)"))
+    if buildings_csv is None:
+        _fail(GatewayError("no building metadata: give --buildings"))
+    try:
+        result = score_file(input_path, output_path, model_dir, buildings_csv, progress=not quiet,
+                            threshold=threshold)
+    except GatewayError as exc:
+        _fail(exc)
+    click.echo(f"{output_path}: {result['scored']:,} readings scored with {result['model_version']}, "
+               f"{result['anomalies']:,} flagged, in {result['seconds']:.1f} s")
+    if result["rejected"]:
+        click.echo(f"{result['rejected']:,} rows rejected:", err=True)
+        for reason, n in sorted(result["rejected_reasons"].items(), key=lambda kv: -kv[1]):
+            click.echo(f"  {n:,} × {reason}", err=True)
+        for line, reason in result["rejected_rows"][:10]:
+            click.echo(f"  line {line}: {reason}", err=True)
+
+
+@main.group()
+def model() -> None:
+    """Train and check models."""
+
+
+def _attach_train() -> None:
+    try:
+        from gateway.model.train import train_command
+    except ImportError:  # the train extra is not installed
+        return
+    model.add_command(train_command, "train")
+
+
+_attach_train()
+
+
+@model.command("check")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+def model_check(model_dir: str) -> None:
+    """Load MODEL_DIR and run every check a hot swap runs (metadata, golden vectors)."""
+    from gateway.model.scorer import Scorer
+
+    try:
+        s = Scorer(model_dir)
+    except GatewayError as exc:
+        _fail(exc)
+    click.echo(f"{model_dir}: ok, version {s.version}")
+
+
 if __name__ == "__main__":
     main()

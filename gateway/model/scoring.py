@@ -139,6 +139,10 @@ class ReadingScorer:
         self.scored = 0
         self.flagged = 0
         self._db: sqlite3.Connection | None = None
+        self._bidx = np.zeros(0, dtype=np.int64)
+        self._code = np.zeros(0, dtype=np.int64)
+        self._site = np.zeros(0, dtype=np.int64)
+        self._keys: list[str] = []
         if self.db_path is not None:
             self._db = sqlite3.connect(str(self.db_path), check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA busy_timeout=5000")
@@ -159,37 +163,61 @@ class ReadingScorer:
         out: list[list | None] = [None] * n
         if n == 0:
             return model.version, out
-        infos = [meters[r[1]] for r in rows]
-        buildings = np.array([m.building for m in infos])
-        known = self.buildings.is_known(buildings) if len(buildings) else np.zeros(0, bool)
+        mids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=n)
+        self._cache(mids, meters)
+        bidx = self._bidx[mids]
+        known = bidx >= 0
         if not known.all():
-            for m, ok in zip(infos, known):
-                if not ok:
-                    self.unscored[f"building {m.building}: no metadata"] += 1
+            for m in mids[~known].tolist():
+                self.unscored[f"building {meters[m].building}: no metadata"] += 1
         idx = np.flatnonzero(known)
         if len(idx) == 0:
             return model.version, out
-        ts = np.fromiter((rows[i][0] for i in idx), dtype=np.int64, count=len(idx))
-        values = np.fromiter((rows[i][2] for i in idx), dtype=np.float64, count=len(idx))
-        codes = np.fromiter((METER_CODE[infos[i].meter] for i in idx), dtype=np.int64, count=len(idx))
-        keys = [infos[i].key for i in idx]
-        b = buildings[idx]
-        weather = self._weather(self.buildings.site_of(b), ts)
-        X = featurize(self.buildings, b, codes, ts, weather)
+        m = mids[idx]
+        ts = np.fromiter((rows[i][0] for i in idx.tolist()), dtype=np.int64, count=len(idx))
+        values = np.fromiter((rows[i][2] for i in idx.tolist()), dtype=np.float64, count=len(idx))
+        keys = [self._keys[j] for j in m.tolist()]
+        weather = self._weather(self._site[m], ts)
+        X = featurize(self.buildings, bidx[idx], self._code[m], ts, weather)
         pred = model.predict_log(X)
         actual = np.log1p(values)
         learn = self._learn_mask(keys, ts)
         expected, score = self.stats.update(keys, pred, actual, learn=learn)
         flags = self.stats.flag(score)
-        exp_kwh = np.expm1(expected)
-        for j, i in enumerate(idx):
-            out[i] = [keys[j], int(ts[j]), float(values[j]), round(float(exp_kwh[j]), 4),
-                      round(float(score[j]), 3) if math.isfinite(score[j]) else None, int(flags[j])]
+        exp_kwh = np.round(np.expm1(expected), 4).tolist()
+        finite = np.isfinite(score)
+        scores = np.round(np.where(finite, score, 0.0), 3).tolist()
+        if not finite.all():
+            scores = [v if ok else None for v, ok in zip(scores, finite.tolist())]
+        for i, k, t, v, e, sc, f in zip(idx.tolist(), keys, ts.tolist(), values.tolist(), exp_kwh, scores,
+                                        flags.astype(np.int64).tolist()):
+            out[i] = [k, t, v, e, sc, f]
         self.scored += len(idx)
         self.flagged += int(flags.sum())
         if self._db is not None and self.clock() - self._last_save >= self.save_every_s:
             self.save()
         return model.version, out
+
+    def _cache(self, mids: np.ndarray, meters: dict) -> None:
+        """Per buffer meter id: building index (-1 = no metadata), meter code, site, key."""
+        top = int(mids.max()) + 1
+        if top > len(self._bidx):
+            size = max(top, 2 * len(self._bidx), 1024)
+            for name, fill in (("_bidx", -2), ("_code", 0), ("_site", -1)):
+                old = getattr(self, name)
+                new = np.full(size, fill, dtype=np.int64)
+                new[: len(old)] = old
+                setattr(self, name, new)
+            self._keys.extend([""] * (size - len(self._keys)))
+        fresh = mids[self._bidx[mids] == -2]
+        for mid in np.unique(fresh).tolist():
+            info = meters[mid]
+            b = self.buildings.ids([info.building])
+            ok = bool(self.buildings.is_known(b)[0])
+            self._bidx[mid] = int(b[0]) if ok else -1
+            self._code[mid] = METER_CODE[info.meter]
+            self._site[mid] = int(self.buildings.site[b[0]]) if ok else -1
+            self._keys[mid] = info.key
 
     def _learn_mask(self, keys: list[str], ts: np.ndarray) -> np.ndarray:
         last = self.last_ts
@@ -206,7 +234,7 @@ class ReadingScorer:
     def _weather(self, sites: np.ndarray, ts: np.ndarray) -> dict[str, np.ndarray]:
         if self.weather is None:
             return {name: np.full(len(ts), np.nan) for name in WEATHER_FIELDS}
-        return self.weather.lookup([str(int(s)) for s in sites], ts, max_age_ms=self.weather_max_age_ms)
+        return self.weather.lookup(sites.astype(str), ts, max_age_ms=self.weather_max_age_ms)
 
     def save(self) -> None:
         """Persist the per-meter statistics (and what each meter has learned up to)."""
