@@ -61,7 +61,9 @@ def run(workdir: Path, say: Callable[[str], None] = print, *, model: bool = True
         sub = MqttSubscriber("localhost", "demo-rule", sub_cert.cert, sub_cert.key, certs.ca,
                              port=broker.port, topic_filter="dt/#").start()
         model_dir = _model_dir() if model else None
-        raw = demo_config(workdir, broker.port, certs, model=model_dir, weather=None)
+        weather = REPO / "data" / "sample" / "weather_2016.json.gz"
+        raw = demo_config(workdir, broker.port, certs, model=model_dir,
+                          weather=weather if model_dir is not None and weather.exists() else None)
         (workdir / "gateway.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         config = validate(raw, base=workdir)
         say(f"· gateway run --config {workdir / 'gateway.yaml'}  (replay of {SAMPLE.relative_to(REPO)})")
@@ -70,7 +72,8 @@ def run(workdir: Path, say: Callable[[str], None] = print, *, model: bool = True
         stored = gw.buffer.stats["stored"]
         gw.stop()
         expected = stored
-        sub.wait_for(lambda msgs: _count(msgs, "raw") >= expected, timeout=30)
+        counted = _Counter()
+        sub.wait_for(lambda msgs: counted.update(msgs) >= expected, timeout=30)
         messages = sub.snapshot()
         sub.close()
     per_topic: Counter = Counter()
@@ -80,8 +83,11 @@ def run(workdir: Path, say: Callable[[str], None] = print, *, model: bool = True
         readings[m.topic] += decode(m.payload)["n"]
     from gateway.buffer import Buffer
 
+    from gateway.model.scoring import stored_status
+
     buf = Buffer(workdir / "buffer.db", readonly=True)
     status, quarantined = buf.status(), buf.quarantined()
+    status["scoring"] = stored_status(buf.db)
     buf.close()
     summary = {
         "stored": stored,
@@ -89,11 +95,28 @@ def run(workdir: Path, say: Callable[[str], None] = print, *, model: bool = True
         "delivered_scored": _count(messages, "scored"),
         "messages": len(messages),
         "topics": {t: {"messages": per_topic[t], "readings": readings[t]} for t in sorted(per_topic)},
-        "example": decode(max(messages, key=lambda m: len(m.payload)).payload) if messages else None,
+        "example": next((decode(m.payload) for m in sorted(messages, key=lambda m: -len(m.payload))
+                         if m.topic.endswith("/raw")), None),
+        "example_scored": next((decode(m.payload) for m in messages if m.topic.endswith("/scored")), None),
         "quarantine": quarantined,
         "status": status,
     }
     return summary
+
+
+class _Counter:
+    """Raw readings received so far, counted incrementally (the predicate runs per message)."""
+
+    def __init__(self):
+        self.seen = 0
+        self.raw = 0
+
+    def update(self, messages) -> int:
+        for m in messages[self.seen:]:
+            if m.topic.endswith("/raw"):
+                self.raw += decode(m.payload)["n"]
+        self.seen = len(messages)
+        return self.raw
 
 
 def _count(messages, kind: str) -> int:
@@ -120,11 +143,14 @@ def show(summary: dict, say: Callable[[str], None] = print) -> None:
     for topic, n in summary["topics"].items():
         t.add_row(topic, f"{n['messages']:,}", f"{n['readings']:,}")
     console.print(t)
-    ex = summary["example"]
-    if ex:
-        shown = {**ex, "readings": ex["readings"][:3] + (["..."] if len(ex["readings"]) > 3 else [])}
-        say("one message, as a topic rule receives it:")
-        say("  " + json.dumps(shown))
+    for title, ex in (("a raw message", summary["example"]), ("a scored message", summary["example_scored"])):
+        if ex:
+            shown = {**ex, "readings": ex["readings"][:3] + (["..."] if len(ex["readings"]) > 3 else [])}
+            say(f"{title}, as a topic rule receives it:")
+            say("  " + json.dumps(shown))
+    sc = summary["status"].get("scoring")
+    if sc:
+        say(f"model {sc['model']['version']}: {sc['scored']:,} readings scored, {sc['flagged']:,} flagged as anomalies")
     for q in summary["quarantine"]:
         say(f"quarantined: {q['location']}: {q['reason']}")
     say(f"stored {summary['stored']:,} readings; delivered {summary['delivered_raw']:,} raw"
