@@ -256,7 +256,7 @@ def score(input_path: str, output_path: str, model_dir: str | None, buildings_cs
     click.echo(f"{output_path}: {result['scored']:,} readings scored with {result['model_version']}, "
                f"{result['anomalies']:,} flagged, in {result['seconds']:.1f} s")
     if result["rejected"]:
-        click.echo(f"{result['rejected']:,} rows rejected:", err=True)
+        click.echo(f"{result['rejected']:,} row{'s' if result['rejected'] != 1 else ''} rejected:", err=True)
         for reason, n in sorted(result["rejected_reasons"].items(), key=lambda kv: -kv[1]):
             click.echo(f"  {n:,} × {reason}", err=True)
         for line, reason in result["rejected_rows"][:10]:
