@@ -93,6 +93,16 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE TABLE state(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
         """,
     ),
+    (
+        2,
+        "scoring: what each meter has learned up to, and the scorer's status",
+        """
+        CREATE TABLE IF NOT EXISTS meter_learned(
+            meter_key TEXT PRIMARY KEY, last_ts INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE IF NOT EXISTS scoring_status(key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
+        """,
+    ),
 ]
 
 STAT_KEYS = (
