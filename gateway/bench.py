@@ -260,7 +260,8 @@ def bench_gateway(n: int, meters: int = 2380) -> dict[str, Any]:
     }
 
 
-def run(n: int = 200_000, *, score: bool = True, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def run(n: int = 200_000, *, score: bool = True, startup_n: int = 3_000_000,
+        progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Run every stage; return one flat dict of results."""
     result: dict[str, Any] = {"readings": n}
     progress(f"generating {n:,} simulated readings (2,380 meters)")
@@ -273,8 +274,8 @@ def run(n: int = 200_000, *, score: bool = True, progress: Callable[[str], None]
         progress("score: the forwarder's scoring path vs raw onnxruntime, 1,000-reading claims")
         result.update(bench_score(readings))
     del readings
-    progress("startup: open a buffer holding 3 million unsent readings and claim")
-    result.update(bench_startup())
+    progress(f"startup: open a buffer holding {startup_n:,} unsent readings and claim")
+    result.update(bench_startup(startup_n))
     progress("gateway: a real `gateway run` end to end (simulator → buffer → scoring → mosquitto), its peak RSS")
     result.update(bench_gateway(n))
     result["bench_process_peak_rss_mb"] = peak_rss_mb()

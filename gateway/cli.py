@@ -180,12 +180,15 @@ def quarantine(config_path: str | None, db: str | None, limit: int, kind: str | 
 @click.option("--readings", "n", default=200_000, show_default=True, help="How many readings to push through.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 @click.option("--no-score", is_flag=True, help="Skip the scoring stage.")
-def bench(n: int, as_json: bool, no_score: bool) -> None:
-    """Measure ingest, drain and scoring against their raw limits in this run."""
+@click.option("--startup-readings", default=3_000_000, show_default=True,
+              help="Readings buffered for the start-up measure.")
+def bench(n: int, as_json: bool, no_score: bool, startup_readings: int) -> None:
+    """Measure ingest, drain, scoring, start-up and the gateway's memory against their raw
+    limits or goals, in this run."""
     from gateway import bench as b
 
     say = (lambda s: click.echo(s, err=True)) if as_json else click.echo
-    result = b.run(n, score=not no_score, progress=lambda s: say(f"· {s}"))
+    result = b.run(n, score=not no_score, startup_n=startup_readings, progress=lambda s: say(f"· {s}"))
     ok = b.verdicts(result)
     if not as_json:
         from rich.console import Console
