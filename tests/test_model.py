@@ -253,3 +253,67 @@ def test_save_on_an_autocommit_connection_is_one_transaction(tmp_path):
     stats.save(conn)
     assert not conn.in_transaction
     assert sorted(r[0] for r in conn.execute("SELECT meter_key FROM meter_stats")) == ["a", "b"]
+
+
+def test_a_table_saved_before_the_zero_flags_still_loads(tmp_path):
+    rng = np.random.default_rng(3)
+    pred = np.full(30, 4.0)
+    actual = _steady(30, level=5.0)
+    resid = (actual - pred)[-24:]
+    conn = sqlite3.connect(tmp_path / "old.db")
+    conn.execute(
+        "CREATE TABLE meter_stats (meter_key TEXT PRIMARY KEY, n_seen INTEGER NOT NULL, "
+        "window INTEGER NOT NULL, residuals BLOB NOT NULL, errors BLOB NOT NULL)"
+    )
+    conn.execute(
+        "INSERT INTO meter_stats VALUES (?, ?, ?, ?, ?)",
+        ("m", 30, 24, resid.astype("<f8").tobytes(), np.abs(rng.normal(0, 0.05, 24)).astype("<f8").tobytes()),
+    )
+    conn.commit()
+    stats = MeterStats()
+    assert stats.load(conn) == 1
+    expected, score = stats.update(["m"], pred[:1], actual[-1:])
+    assert abs(expected[0] - 5.0) < 0.1 and not stats.flag(score)[0]
+    assert stats.flag(stats.update(["m"], pred[:1], np.zeros(1))[1])[0]  # a dropout is still seen
+    stats.save(conn)  # adds the zeros column and fills it
+    again = MeterStats()
+    assert again.load(conn) == 1
+    nxt = (["m"], pred[:1], actual[:1])
+    assert again.update(*nxt)[1][0] == stats.update(*nxt)[1][0]
+
+
+def test_a_zero_is_less_anomalous_on_a_meter_that_often_reads_zero():
+    n = 48
+    pred = np.full(n, 3.0)
+    steady = _steady(n, seed=2, level=3.0)
+    on_off = steady * (np.arange(n) % 3 != 0)  # every third reading is 0
+    stats = MeterStats()
+    _, s_steady = stats.update(["steady"] * n + ["on_off"] * n, np.r_[pred, pred], np.r_[steady, on_off])
+    _, s = stats.update(["steady", "on_off"], pred[:2], np.zeros(2))
+    assert s[0] > s[1]
+    assert stats.flag(s[:1])[0]
+
+
+def test_known_bad_zeros_are_long_zero_stretches_and_the_site0_gap():
+    from types import SimpleNamespace
+
+    from gateway.model.train import known_bad_zeros
+
+    hour = 3_600_000
+    t0 = 1_451_606_400_000 + 10 * 86_400_000  # 2016-01-11 UTC
+    # meter 1:0 (site 1): 4 zeros over 24 h, then 4 zeros over 96 h; meter 2:0 (site 0): one zero in January
+    ts = np.r_[t0 + np.arange(4) * 8 * hour, t0 + 10 * 86_400_000 + np.arange(4) * 32 * hour, t0]
+    table = SimpleNamespace(
+        building_id=np.r_[np.ones(8, np.int64), 2], meter=np.zeros(9, np.int64), site_id=np.r_[np.ones(8, np.int64), 0],
+        ts_ms=ts, meter_reading=np.zeros(9),
+    )  # fmt: skip
+    table.meter_reading[4:8] = [0, 0, 0, 0]
+    table.meter_reading[:4] = [0, 0, 0, 0]
+    # a non-zero reading between the two runs splits them
+    table.building_id = np.r_[table.building_id, 1]
+    table.meter = np.r_[table.meter, 0]
+    table.site_id = np.r_[table.site_id, 1]
+    table.ts_ms = np.r_[table.ts_ms, t0 + 5 * 86_400_000]
+    table.meter_reading = np.r_[table.meter_reading, 12.0]
+    mask = known_bad_zeros(table)
+    assert mask.tolist() == [False] * 4 + [True] * 4 + [True, False]

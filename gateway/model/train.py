@@ -22,7 +22,7 @@ import numpy as np
 from gateway.errors import ModelError
 from gateway.model import ashrae
 from gateway.model.evaluate import anomaly_auc, naive_baseline, plain_window_baseline, rmsle, run_online
-from gateway.model.features import FEATURE_INDEX, FEATURE_NAMES, Buildings, featurize
+from gateway.model.features import FEATURE_INDEX, FEATURE_NAMES, Buildings, featurize, local_to_utc_ms
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,12 @@ DEFAULT_PARAMS: dict = {
     "seed": 7,
 }
 DEFAULT_ROUNDS = 200
+#: A meter reading exactly 0 for at least this long (first to last zero of a run) is a stretch the
+#: meter was off or broken, not consumption: such readings are left out of TRAINING (evaluation keeps
+#: them, and also reports RMSLE without them). 72 h, whatever the cadence of the readings.
+ZERO_STRETCH_HOURS = 72.0
+#: ASHRAE's known site-0 electricity gap: zeros until 2016-05-20 (local), also left out of training.
+SITE0_GAP_END_LOCAL = np.datetime64("2016-05-21T00:00", "ms")
 #: Integer codes LightGBM splits as categories (onnxmltools converts these splits; parity is checked).
 CATEGORICAL: tuple[str, ...] = ("site_id", "primary_use")
 
@@ -65,6 +71,26 @@ def load_training_data(data_path: str | Path, buildings_csv: str | Path | None =
     return table, buildings, X, np.log1p(table.meter_reading)
 
 
+def known_bad_zeros(table) -> np.ndarray:
+    """Readings that are known-bad zeros: in a meter's run of zero readings spanning ≥ ZERO_STRETCH_HOURS,
+    or site-0 electricity zeros before SITE0_GAP_END_LOCAL. Boolean mask over ``table``'s rows."""
+    y, ts = np.asarray(table.meter_reading), np.asarray(table.ts_ms, dtype=np.int64)
+    key = np.asarray(table.building_id, dtype=np.int64) * 4 + np.asarray(table.meter, dtype=np.int64)
+    out = np.zeros(len(y), dtype=bool)
+    if len(y) == 0:
+        return out
+    order = np.lexsort((ts, key))
+    k, z, t = key[order], (y == 0)[order], ts[order]
+    start = np.flatnonzero(np.r_[True, (z[1:] != z[:-1]) | (k[1:] != k[:-1])])
+    run = np.cumsum(np.isin(np.arange(len(z)), start)) - 1
+    span_h = (np.maximum.reduceat(t, start) - np.minimum.reduceat(t, start))[run] / 3_600_000
+    out[order] = z & (span_h >= ZERO_STRETCH_HOURS)
+    gap_end = local_to_utc_ms(np.zeros(1, dtype=np.int64), np.array([SITE0_GAP_END_LOCAL]))[0]
+    site = np.asarray(table.site_id)
+    out |= (site == 0) & (np.asarray(table.meter) == 0) & (y == 0) & (ts < gap_end)
+    return out
+
+
 def _offset(X: np.ndarray, fill: float) -> np.ndarray:
     lsf = X[:, FEATURE_INDEX["log_square_feet"]].astype(np.float64)
     return np.where(np.isnan(lsf), fill, lsf)
@@ -80,15 +106,23 @@ def _fit(X, ly, fill, params, rounds, threads):
     return lgb.train({**params, "num_threads": threads}, ds, rounds)
 
 
-def cross_validate(table, X, ly, params=None, rounds=DEFAULT_ROUNDS, folds=5, threads=0, progress=None) -> dict:
-    """GroupKFold by building: model vs naive RMSLE, online correction and anomaly AUC, all out of fold."""
+def cross_validate(
+    table, X, ly, params=None, rounds=DEFAULT_ROUNDS, folds=5, threads=0, progress=None, exclude=None
+) -> dict:
+    """GroupKFold by building: model vs naive RMSLE, online correction and anomaly AUC, all out of fold.
+
+    ``exclude`` (bool per row): left out of each fold's training rows, never out of the evaluation;
+    the RMSLE without them is reported as well (``rmsle_model_clean``, ``rmsle_naive_clean``).
+    """
     from sklearn.model_selection import GroupKFold
 
     params = params or DEFAULT_PARAMS
+    exclude = np.zeros(len(ly), dtype=bool) if exclude is None else np.asarray(exclude, dtype=bool)
     oof = np.zeros(len(ly))
     naive = np.zeros(len(ly))
     for k, (tr, te) in enumerate(GroupKFold(folds).split(X, ly, table.building_id)):
         t0 = time.perf_counter()
+        tr = tr[~exclude[tr]]
         fill = float(np.nanmedian(X[tr, FEATURE_INDEX["log_square_feet"]]))
         booster = _fit(X[tr], ly[tr], fill, params, rounds, threads)
         oof[te] = booster.predict(X[te]) + _offset(X[te], fill)
@@ -106,6 +140,9 @@ def cross_validate(table, X, ly, params=None, rounds=DEFAULT_ROUNDS, folds=5, th
         "folds": folds,
         "rmsle_model": rmsle(oof, ly, table.meter),
         "rmsle_naive": rmsle(naive, ly, table.meter),
+        "rmsle_model_clean": rmsle(oof[~exclude], ly[~exclude], table.meter[~exclude]),
+        "rmsle_naive_clean": rmsle(naive[~exclude], ly[~exclude], table.meter[~exclude]),
+        "excluded_from_training": int(exclude.sum()),
         "rmsle_online": rmsle(expected, ly[order], table.meter[order]),
         "rmsle_online_plain_median24": rmsle(plain, ly[order], table.meter[order]),
         "anomaly": anomaly_auc(keys, oof[order], table.meter_reading[order]),
@@ -171,19 +208,24 @@ def train(
     evaluate: bool = True,
     name: str | None = None,
     progress=None,
+    clean: bool = True,
 ) -> dict:
     """Train on ``data_path``, evaluate (unless ``evaluate=False``), write the model folder; returns the manifest.
 
-    ``progress(done, total)`` is called after each fold and after the final fit.
+    ``progress(done, total)`` is called after each fold and after the final fit. ``clean``: leave
+    :func:`known_bad_zeros` out of training (evaluation always keeps every reading).
     """
     params = {**DEFAULT_PARAMS, **(params or {})}
     out = Path(out_dir)
     name = name or out.name
     table, buildings, X, ly = load_training_data(data_path, buildings_csv)
     log.info("%d readings of %d buildings, %d features", len(ly), len(np.unique(table.building_id)), X.shape[1])
-    metrics = cross_validate(table, X, ly, params, rounds, folds, threads, progress) if evaluate else {}
-    fill = float(np.nanmedian(X[:, FEATURE_INDEX["log_square_feet"]]))
-    booster = _fit(X, ly, fill, params, rounds, threads)
+    exclude = known_bad_zeros(table) if clean else np.zeros(len(ly), dtype=bool)
+    log.info("%d known-bad zero readings left out of training", int(exclude.sum()))
+    metrics = cross_validate(table, X, ly, params, rounds, folds, threads, progress, exclude) if evaluate else {}
+    keep = np.flatnonzero(~exclude)
+    fill = float(np.nanmedian(X[keep, FEATURE_INDEX["log_square_feet"]]))
+    booster = _fit(X[keep], ly[keep], fill, params, rounds, threads)
     if progress is not None:
         progress(folds, folds)
     model = to_onnx(booster, X.shape[1], fill)
@@ -199,7 +241,8 @@ def train(
         "feature_names": json.dumps(list(FEATURE_NAMES)),
         "target_transform": TARGET_TRANSFORM,
         "output": OUTPUT_NAME,
-        "training_data": json.dumps({"path": Path(data_path).name, "rows": len(ly), "from_local": first, "to_local": last}),
+        "training_data": json.dumps({"path": Path(data_path).name, "rows": len(ly), "from_local": first, "to_local": last,
+                                     "rows_fitted": len(keep), "excluded": "known_bad_zeros" if clean else "none"}),  # fmt: skip
         "metrics": json.dumps(metrics),
         "params": json.dumps({**params, "rounds": rounds}),
     }
@@ -250,13 +293,15 @@ def _command():
     @click.option("--rounds", default=DEFAULT_ROUNDS, show_default=True)
     @click.option("--folds", default=5, show_default=True)
     @click.option("--no-eval", is_flag=True, help="skip the cross-validation")
-    def train_command(data_path, out_dir, buildings_csv, rounds, folds, no_eval):
+    @click.option("--keep-bad-zeros", is_flag=True, help="train on known-bad zero stretches too")
+    def train_command(data_path, out_dir, buildings_csv, rounds, folds, no_eval, keep_bad_zeros):
         """Train the model on an ASHRAE CSV and write MODEL_DIR (model.onnx, golden.json, manifest.json)."""
         from rich.logging import RichHandler
 
         logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
         try:
-            manifest = train(data_path, out_dir, buildings_csv, rounds=rounds, folds=folds, evaluate=not no_eval)
+            manifest = train(data_path, out_dir, buildings_csv, rounds=rounds, folds=folds, evaluate=not no_eval,
+                             clean=not keep_bad_zeros)  # fmt: skip
         except ModelError as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(json.dumps({"version": manifest["version"], "metrics": manifest["metrics"]}, indent=2))
