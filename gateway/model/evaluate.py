@@ -94,6 +94,10 @@ def inject_anomalies(actual: np.ndarray, rate: float = 0.02, seed: int = 0) -> t
     return out, pick
 
 
+#: MeterStats settings that give the earlier score (robust z from the blended centre only).
+Z_ONLY: dict = {"new_high_weight": 0.0, "zero_weight": 0.0, "score_unit": 1.0, "min_scale": 0.3}
+
+
 def anomaly_auc(keys, log_pred, actual, rate: float = 0.02, seed: int = 0, **kw) -> dict[str, float]:
     """AUC of the online anomaly score separating injected spikes/dropouts from real readings."""
     from sklearn.metrics import roc_auc_score
@@ -101,9 +105,12 @@ def anomaly_auc(keys, log_pred, actual, rate: float = 0.02, seed: int = 0, **kw)
     injected, is_anomaly = inject_anomalies(actual, rate, seed)
     _, score = run_online(keys, log_pred, np.log1p(injected), **kw)
     _, plain = plain_window_baseline(keys, log_pred, np.log1p(injected))
+    # the previous score: robust z alone (no new-high or dropout term, scale floor 0.3)
+    _, z_only = run_online(keys, log_pred, np.log1p(injected), **{**kw, **Z_ONLY})
     stats = MeterStats(**kw)
     return {
         "auc": float(roc_auc_score(is_anomaly, score)),
+        "auc_robust_z_only": float(roc_auc_score(is_anomaly, z_only)),
         "auc_plain_robust_z24": float(roc_auc_score(is_anomaly, plain)),
         "injected": int(is_anomaly.sum()),
         "flag_rate_clean": float((score[~is_anomaly] >= stats.threshold).mean()),

@@ -67,7 +67,7 @@ class MeterStats:
         self,
         window: int = 24,
         threshold: float = 3.5,
-        min_scale: float = 0.3,
+        min_scale: float = 0.5,
         cold_scale: float = 1.0,
         clip: float = 20.0,
         score_clip: float = 3.0,
