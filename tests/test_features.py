@@ -157,7 +157,7 @@ def test_reader_rejects_the_truncated_row_and_bad_values(tmp_path):
     assert table.rejected == [
         (3, "meter_reading: -1 is negative"),
         (4, "meter_reading: 'abc' is not a number"),
-        (5, "truncated row: 17 fields, expected 19"),
+        (5, "columns: 17 instead of 19"),
         (6, "meter: '7' is not a meter code 0..3"),
         (7, "air_temperature: 'warm' is not a number"),
     ]

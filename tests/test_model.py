@@ -185,8 +185,8 @@ def test_score_file_writes_scored_rows_in_time_order_and_counts_rejections(tmp_p
     result = score_file(SAMPLE, out, SHIPPED, METADATA, progress=False)
     assert result["rows"] == 11_134
     assert result["scored"] == 11_133
-    assert result["rejected_reasons"] == {"truncated row": 1}
-    assert result["rejected_rows"] == [(10_578, "truncated row: 17 fields, expected 19")]
+    assert result["rejected_reasons"] == {"columns": 1}
+    assert result["rejected_rows"] == [(10_578, "columns: 17 instead of 19")]
     with gzip.open(out, "rt") as f:
         header = f.readline().rstrip("\n").split(",")
         rows = [line.rstrip("\n").split(",") for line in f]

@@ -125,7 +125,7 @@ def read(path: str | Path, progress=None) -> Table:
                 continue
             fields = line.split(",") if '"' not in line else next(csv.reader([line]))
             if len(fields) != n_fields:
-                rejected.append((n, f"truncated row: {len(fields)} fields, expected {n_fields}"))
+                rejected.append((n, f"columns: {len(fields)} instead of {n_fields}"))
                 continue
             try:
                 b = int(fields[i_b])
