@@ -49,6 +49,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -56,6 +58,8 @@ from gateway.errors import BufferError, SchemaError
 from gateway.readings import MAX_FUTURE_MS, METER_CODE, MIN_TS_MS, Reading, Rejected
 
 Key = tuple[int, int]  # (ts, meter id)
+_KEY, _TS, _VALUE, _SOURCE = itemgetter(0, 1, 2), itemgetter(3), itemgetter(4), itemgetter(5)
+_INT, _NUMBER = {int}, {int, float}
 BOTTOM: Key = (0, 0)
 
 POLICIES = ("drop_oldest", "reject_newest")
@@ -285,7 +289,7 @@ class Buffer:
         self._delivery_rate = _Rate()
         if self.readonly:
             self._resend_count = db.execute("SELECT count(*) FROM resend").fetchone()[0]
-            self._resend_frontier, self._resend_inflight, self._newest = BOTTOM, set(), BOTTOM
+            self._resend_frontier, self._resend_inflight, self._newest_ts = BOTTOM, set(), 0
             return
         # Resend entries that a lane will walk again anyway are dropped (they would go twice).
         self.db.execute("BEGIN IMMEDIATE")
@@ -302,7 +306,7 @@ class Buffer:
         self._resend_frontier: Key = BOTTOM
         self._resend_inflight: set[Key] = set()
         newest = db.execute("SELECT ts, meter FROM readings ORDER BY ts DESC, meter DESC LIMIT 1").fetchone()
-        self._newest: Key = tuple(newest) if newest else BOTTOM
+        self._newest_ts: int = newest[0] if newest else 0
 
     def add_listener(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` (without arguments, from the putting thread) after every put that stored."""
@@ -333,19 +337,28 @@ class Buffer:
             try:
                 meter_ids = self._meter_ids
                 source_ids = self._source_ids
-                for r in readings:
+                fast = self._fast_rows(readings, max_ts)
+                if fast is not None:
+                    rows, lo_ts, hi_ts = fast
+                    readings_left = ()
+                else:
+                    readings_left = readings
+                get_meter, append, inf, lo_ts = meter_ids.get, rows.append, math.inf, MIN_TS_MS
+                last_src, last_sid = None, 0  # a batch nearly always comes from one source
+                for r in readings_left:  # one reading at a time: new meters, invalid readings
                     site, building, meter, ts, value, src = r
-                    mid = meter_ids.get((site, building, meter))
+                    mid = get_meter((site, building, meter))
                     # The fast path: a known meter with a plausible, finite, non-negative value.
                     if (
                         mid is not None
                         and type(ts) is int
-                        and MIN_TS_MS <= ts <= max_ts
+                        and lo_ts <= ts <= max_ts
                         and (type(value) is float or type(value) is int)
-                        and 0 <= value < math.inf
+                        and 0 <= value < inf
                     ):
-                        sid = source_ids.get(src) or self._source_id(src)
-                        rows.append((ts, mid, value, sid))
+                        if src is not last_src:
+                            last_src, last_sid = src, source_ids.get(src) or self._source_id(src)
+                        append((ts, mid, value, last_sid))
                         continue
                     reason = _reason(r, now_ms)
                     if reason is None:  # a valid reading of a meter seen for the first time
@@ -355,6 +368,8 @@ class Buffer:
                     else:
                         quarantine.append((now_ms, "reading", reason, repr(tuple(r)), str(src), f"{src}@{ts}"))
 
+                if fast is None and rows:
+                    lo_ts, hi_ts = min(r[0] for r in rows), max(r[0] for r in rows)
                 evicted = refused = 0
                 if rows and self.budget_bytes and self._used_bytes() >= self.budget_bytes:
                     evicted, refused, rows = self._make_room(rows)
@@ -374,10 +389,9 @@ class Buffer:
                             repr((m.site, m.building, m.meter, ts, value)), self._source_name(sid), f"{m.key}@{ts}",
                         ))
                 if rows:
-                    self._note_late(rows)
-                    top = max(rows)[:2]
-                    if top > self._newest:
-                        self._newest = top
+                    self._note_late(rows, lo_ts)
+                    if hi_ts > self._newest_ts:
+                        self._newest_ts = hi_ts
                 if quarantine:
                     db.executemany(
                         "INSERT INTO quarantine(at, kind, reason, raw, source, location) VALUES(?,?,?,?,?,?)",
@@ -406,6 +420,31 @@ class Buffer:
             for fn in self._listeners:
                 fn()
         return PutResult(stored, duplicates, len(quarantine), evicted, refused)
+
+    def _fast_rows(self, readings: list[Reading], max_ts: int) -> tuple[list[tuple], int, int] | None:
+        """The rows of a batch in which every reading is valid, of a known meter, from one source,
+        checked with C-level passes; None when any of that fails (put then goes reading by
+        reading, and the same checks give each bad reading its reason)."""
+        if not readings:
+            return [], 0, 0
+        mids = list(map(self._meter_ids.get, map(_KEY, readings)))
+        if None in mids:
+            return None
+        ts = list(map(_TS, readings))
+        if set(map(type, ts)) != _INT:
+            return None
+        lo, hi = min(ts), max(ts)
+        if lo < MIN_TS_MS or hi > max_ts:
+            return None
+        values = list(map(_VALUE, readings))
+        if not set(map(type, values)) <= _NUMBER or min(values) < 0 or not math.isfinite(sum(values)):
+            return None  # a NaN or an infinity makes the sum non-finite
+        sources = set(map(_SOURCE, readings))
+        if len(sources) != 1:
+            return None
+        src = sources.pop()
+        sid = self._source_ids.get(src) or self._source_id(src)
+        return list(zip(ts, mids, values, repeat(sid))), lo, hi
 
     def _meter_id(self, site: str, building: str, meter: str) -> int:
         cur = self.db.execute(
@@ -448,10 +487,10 @@ class Buffer:
             return self.live.frontier
         return self.backlog.frontier
 
-    def _note_late(self, rows: list[tuple]) -> None:
+    def _note_late(self, rows: list[tuple], lo_ts: int) -> None:
         """List in ``resend`` every new row that fell at or below its lane's claim frontier."""
         top_frontier = self.live.frontier if self.live is not None else self.backlog.frontier
-        if min(rows)[:2] > top_frontier:  # the usual case: everything new is above every frontier
+        if lo_ts > top_frontier[0]:  # the usual case: everything new is above every frontier
             return
         late = [(ts, mid) for ts, mid, _, _ in rows if (ts, mid) <= self._frontier_for((ts, mid))]
         if late:
@@ -462,9 +501,9 @@ class Buffer:
     # ------------------------------------------------------------------ budget
 
     def _used_bytes(self) -> int:
-        pages = self.db.execute("PRAGMA page_count").fetchone()[0]
-        free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
-        size = self.db.execute("PRAGMA page_size").fetchone()[0]
+        pages, free, size = self.db.execute(
+            "SELECT * FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()"
+        ).fetchone()
         return (pages - free) * size
 
     def _make_room(self, rows: list[tuple]) -> tuple[int, int, list[tuple]]:
@@ -567,18 +606,18 @@ class Buffer:
         return c
 
     def _maybe_open_live(self) -> None:
-        if self.live is not None or self._newest == BOTTOM:
+        if self.live is not None or not self._newest_ts:
             return
-        if self._newest[0] < self.clock() * 1000 - self.live_window_ms:
+        if self._newest_ts < self.clock() * 1000 - self.live_window_ms:
             return  # nothing is live by the clock (a backfill of old data): keep time order
         nxt = self.db.execute(
             f"SELECT ts FROM readings WHERE {_after(self.backlog.frontier)[0]} ORDER BY ts, meter LIMIT 1",
             _after(self.backlog.frontier)[1],
         ).fetchone()
-        if nxt is None or self._newest[0] - nxt[0] <= self.live_window_ms:
+        if nxt is None or self._newest_ts - nxt[0] <= self.live_window_ms:
             return
         # The live lane holds every reading newer than the window's start: ts > floor ts.
-        floor: Key = (self._newest[0] - self.live_window_ms, 1 << 62)
+        floor: Key = (self._newest_ts - self.live_window_ms, 1 << 62)
         if floor <= self.backlog.frontier:
             return
         self.live_floor = floor
