@@ -48,38 +48,43 @@ def _readings(n: int, meters: int = 2380) -> list[Reading]:
     return out[:n]
 
 
-def bench_ingest(readings: list[Reading], batch: int = 2380, synchronous: str = "full") -> dict[str, float]:
-    """Readings per second: Buffer.put vs a bare executemany, same batches, same pragmas."""
+def bench_ingest(readings: list[Reading], batch: int = 2380, synchronous: str = "full",
+                 rounds: int = 3) -> dict[str, float]:
+    """Readings per second: Buffer.put vs a bare executemany, same batches, same pragmas.
+
+    Each side runs ``rounds`` times, alternating, into a fresh file; the best of each counts
+    (the least disturbed run is the closest to what the code itself costs)."""
     from gateway.buffer import Buffer
 
+    ids = {r.meter_id: i for i, r in enumerate({r.meter_id: r for r in readings[:5000]}.values(), 1)}
+    rows = [(r.ts, ids.get(r.meter_id, 0), r.value, 1) for r in readings]
+    raw_best = ours_best = float("inf")
     with tempfile.TemporaryDirectory() as d:
-        # Raw: the same tuples the buffer writes, into a minimal table, one commit per batch.
-        db = sqlite3.connect(os.path.join(d, "raw.db"), isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        db.execute("CREATE TABLE raw(ts INTEGER, meter INTEGER, value REAL, source INTEGER)")
-        ids = {r.meter_id: i for i, r in enumerate({r.meter_id: r for r in readings[:5000]}.values(), 1)}
-        rows = [(r.ts, ids.get(r.meter_id, 0), r.value, 1) for r in readings]
-        t0 = time.perf_counter()
-        for i in range(0, len(rows), batch):
-            db.execute("BEGIN")
-            db.executemany("INSERT INTO raw VALUES(?, ?, ?, ?)", rows[i : i + batch])
-            db.execute("COMMIT")
-        raw_s = time.perf_counter() - t0
-        db.close()
-        del rows
+        for k in range(rounds):
+            # Raw: the same tuples the buffer writes, into a minimal table, one commit per batch.
+            db = sqlite3.connect(os.path.join(d, f"raw{k}.db"), isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            db.execute("CREATE TABLE raw(ts INTEGER, meter INTEGER, value REAL, source INTEGER)")
+            t0 = time.perf_counter()
+            for i in range(0, len(rows), batch):
+                db.execute("BEGIN")
+                db.executemany("INSERT INTO raw VALUES(?, ?, ?, ?)", rows[i : i + batch])
+                db.execute("COMMIT")
+            raw_best = min(raw_best, time.perf_counter() - t0)
+            db.close()
 
-        buf = Buffer(os.path.join(d, "buffer.db"), synchronous=synchronous)
-        t0 = time.perf_counter()
-        for i in range(0, len(readings), batch):
-            buf.put(readings[i : i + batch], source="bench", position=i + batch)
-        ours_s = time.perf_counter() - t0
-        buf.close()
+            buf = Buffer(os.path.join(d, f"buffer{k}.db"), synchronous=synchronous)
+            t0 = time.perf_counter()
+            for i in range(0, len(readings), batch):
+                buf.put(readings[i : i + batch], source="bench", position=i + batch)
+            ours_best = min(ours_best, time.perf_counter() - t0)
+            buf.close()
     n = len(readings)
     return {
-        "ingest_readings_per_s": n / ours_s,
-        "ingest_raw_readings_per_s": n / raw_s,
-        "ingest_ratio": raw_s / ours_s,
+        "ingest_readings_per_s": n / ours_best,
+        "ingest_raw_readings_per_s": n / raw_best,
+        "ingest_ratio": raw_best / ours_best,
     }
 
 
