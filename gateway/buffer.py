@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
 from gateway.errors import BufferError, SchemaError
-from gateway.readings import MAX_FUTURE_MS, METER_CODE, MIN_TS_MS, Reading, Rejected
+from gateway.readings import MAX_FUTURE_MS, MIN_TS_MS, Reading, Rejected, check
 
 Key = tuple[int, int]  # (ts, meter id)
 _KEY, _TS, _VALUE, _SOURCE = itemgetter(0, 1, 2), itemgetter(3), itemgetter(4), itemgetter(5)
@@ -364,7 +364,7 @@ class Buffer:
                             last_src, last_sid = src, source_ids.get(src) or self._source_id(src)
                         append((ts, mid, value, last_sid))
                         continue
-                    reason = _reason(r, now_ms)
+                    reason = check(r, now_ms)
                     if reason is None:  # a valid reading of a meter seen for the first time
                         mid = self._meter_id(site, building, meter)
                         sid = source_ids.get(src) or self._source_id(src)
@@ -836,12 +836,6 @@ class Buffer:
                     self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             finally:
                 self.db.close()
-
-
-def _reason(r: Reading, now_ms: int) -> str | None:
-    from gateway.readings import check
-
-    return check(r, now_ms)
 
 
 class _Rate:

@@ -16,7 +16,6 @@ from gateway.buffer import Buffer
 from gateway.forwarder import Forwarder
 from gateway.messages import decode
 from gateway.model.features import Buildings
-from gateway.model.online import MeterStats
 from gateway.model.paths import default_buildings, default_model
 from gateway.model.scoring import ModelHolder, ReadingScorer, stored_status
 from gateway.publishers import MemoryPublisher
