@@ -239,12 +239,18 @@ class ReadingScorer:
         """Persist the per-meter statistics (and what each meter has learned up to)."""
         if self._db is None:
             return
-        self.stats.save(self._db)
-        self._db.execute("BEGIN IMMEDIATE")
-        self._db.executemany("INSERT OR REPLACE INTO meter_learned VALUES(?, ?)", list(self.last_ts.items()))
-        self._db.execute("CREATE TABLE IF NOT EXISTS scoring_status(key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID")
-        self._db.execute("INSERT OR REPLACE INTO scoring_status VALUES('status', ?)", (json.dumps(self.status()),))
-        self._db.execute("COMMIT")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")  # the statistics and what they have learned, together
+        try:
+            self.stats.save(db)
+            db.executemany("INSERT OR REPLACE INTO meter_learned VALUES(?, ?)", list(self.last_ts.items()))
+            db.execute("CREATE TABLE IF NOT EXISTS scoring_status(key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID")
+            db.execute("INSERT OR REPLACE INTO scoring_status VALUES('status', ?)", (json.dumps(self.status()),))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
         self._last_save = self.clock()
 
     def close(self) -> None:
