@@ -83,3 +83,19 @@ model: {{path: {default_model()}}}
     assert rows["model"] == json.loads((default_model() / "manifest.json").read_text())["version"]
     js = json.loads(invoke("status", "--config", config, "--json").stdout)
     assert js["scoring"]["unscored_reasons"] == {"building 99999: no metadata": 1}
+
+
+def test_score_without_any_model_says_what_to_give(tmp_path, monkeypatch):
+    monkeypatch.setenv("GATEWAY_MODEL_DIR", str(tmp_path / "nowhere"))
+    result = invoke("score", SAMPLE, tmp_path / "out.csv")
+    assert (result.exit_code, result.stderr) == (2, "error: no model: give --model (no shipped models/ashrae-lgbm was found)\n")
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_score_refuses_a_model_that_fails_its_checks(tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(default_model(), bad)
+    (bad / "model.onnx").write_bytes(b"junk")
+    result = invoke("score", SAMPLE, tmp_path / "out.csv", "--model", bad, "--quiet")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {bad / 'model.onnx'}: cannot load: ")
