@@ -100,7 +100,8 @@ class Forwarder:
         self.backoff = backoff or Backoff()
         self.scorer = scorer
         self.clock = clock
-        self.wake = threading.Event()
+        self.wake = threading.Event()  # set by new readings and completed publishes
+        self.stop_event = threading.Event()  # ends a backoff early; run() uses its caller's
         self.settled = threading.Condition()  # notified whenever publishes complete
         self._done: queue.SimpleQueue[tuple[int, BaseException | None]] = queue.SimpleQueue()
         self._inflight: dict[int, _InFlight] = {}
@@ -116,6 +117,7 @@ class Forwarder:
 
     def run(self, stop: threading.Event, drain_timeout_s: float = 10.0) -> None:
         """Forward until ``stop`` is set, then wait up to ``drain_timeout_s`` for PUBACKs."""
+        self.stop_event = stop
         while not stop.is_set():
             if not self.step():
                 self.wake.wait(0.2)
@@ -139,8 +141,8 @@ class Forwarder:
             log.warning("delivery failed (%s); retrying in %.1f s", self._failed, delay)
             self.buffer.release_all()
             self._failed = None
-            self.wake.wait(delay)
-            self.wake.clear()
+            # Wait on stop only: new readings set `wake`, and must not cut a backoff short.
+            self.stop_event.wait(delay)
             return True
         self._check_timeouts()
         if not self.publisher.connected:

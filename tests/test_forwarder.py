@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from concurrent.futures import Future
 
 import pytest
@@ -192,4 +193,39 @@ def test_delivery_through_a_real_broker(buf, make_publisher, subscriber):
     expected = {(r.meter_id, r.ts) for r in readings}
     assert subscriber.wait_for(lambda msgs: set(keys_of(msgs)) >= expected, timeout=30)
     assert all(m.topic.startswith("dt/meters/") and m.topic.endswith(f"/{THING}/raw") for m in subscriber.snapshot())
+    assert buf.pending() == 0
+
+
+class RecordingStop(threading.Event):
+    """A stop event that records how long it was asked to wait, and does not wait."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        return self.is_set()
+
+
+def test_new_readings_do_not_cut_a_backoff_short(buf):
+    buf.put(fleet(2))
+    pub = MemoryPublisher()
+    fwd = Forwarder(buf, pub, THING, backoff=Backoff(30, 60, rng=random.Random(3)))
+    real = pub.publish
+
+    def failing(topic, payload, qos=1):
+        f: Future = Future()
+        f.set_exception(RetryableError("connection lost"))
+        return f
+
+    pub.publish = failing
+    fwd.stop_event = RecordingStop()
+    fwd.step()  # publish, fail
+    buf.put(fleet(1))  # new readings arrive: wake is set
+    assert fwd.wake.is_set()
+    fwd.step()  # settles the failure and backs off
+    assert len(fwd.stop_event.waits) == 1 and 0 <= fwd.stop_event.waits[0] <= 30
+    pub.publish = real
+    fwd.drain()
     assert buf.pending() == 0
