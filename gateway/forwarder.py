@@ -175,11 +175,7 @@ class Forwarder:
         for ts, mid, value in claim.rows:
             m = meters[mid]
             by_site.setdefault(m.site, []).append([m.key, ts, value])
-        out = []
-        for site, rows in by_site.items():
-            name = topic(self.app, site, self.thing, "raw")
-            for payload, part in chunks(self.thing, site, rows, self.batch_size):
-                out.append((name, payload, len(part)))
+        out = self._site_messages("raw", by_site)
         if self.scorer is not None:
             try:
                 version, scored = self.scorer.score_rows(claim.rows, meters)
@@ -197,10 +193,16 @@ class Forwarder:
                     self.unscored += 1
                     continue
                 by_site.setdefault(meters[mid].site, []).append(srow)
-            for site, rows in by_site.items():
-                name = topic(self.app, site, self.thing, "scored")
-                for payload, part in chunks(self.thing, site, rows, self.batch_size, model=version):
-                    out.append((name, payload, len(part)))
+            out += self._site_messages("scored", by_site, model=version)
+        return out
+
+    def _site_messages(self, kind: str, by_site: dict[str, list], model: str | None = None) -> list:
+        """(topic, payload, readings) of each site's rows, on ``dt/<app>/<site>/<thing>/<kind>``."""
+        out = []
+        for site, rows in by_site.items():
+            name = topic(self.app, site, self.thing, kind)
+            for payload, part in chunks(self.thing, site, rows, self.batch_size, model=model):
+                out.append((name, payload, len(part)))
         return out
 
     def _send(self, claim: Claim) -> None:
