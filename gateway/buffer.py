@@ -170,14 +170,14 @@ class _Lane:
     inflight: deque = field(default_factory=deque)
 
 
-def _after(key: Key) -> tuple[str, tuple]:
-    """SQL for ``(ts, meter) > key`` that uses the primary key."""
-    return "ts >= ? AND (ts > ? OR meter > ?)", (key[0], key[0], key[1])
+def _after(key: Key, t: str = "") -> tuple[str, tuple]:
+    """SQL for ``(ts, meter) > key`` that uses the primary key (``t``: a table alias and dot)."""
+    return f"{t}ts >= ? AND ({t}ts > ? OR {t}meter > ?)", (key[0], key[0], key[1])
 
 
-def _upto(key: Key) -> tuple[str, tuple]:
-    """SQL for ``(ts, meter) <= key`` that uses the primary key."""
-    return "ts <= ? AND (ts < ? OR meter <= ?)", (key[0], key[0], key[1])
+def _upto(key: Key, t: str = "") -> tuple[str, tuple]:
+    """SQL for ``(ts, meter) <= key`` that uses the primary key (``t``: a table alias and dot)."""
+    return f"{t}ts <= ? AND ({t}ts < ? OR {t}meter <= ?)", (key[0], key[0], key[1])
 
 
 class Buffer:
@@ -340,7 +340,6 @@ class Buffer:
             db.execute("BEGIN IMMEDIATE")
             try:
                 meter_ids = self._meter_ids
-                source_ids = self._source_ids
                 fast = self._fast_rows(readings, max_ts)
                 if fast is not None:
                     rows, lo_ts, hi_ts = fast
@@ -361,13 +360,13 @@ class Buffer:
                         and 0 <= value < inf
                     ):
                         if src is not last_src:
-                            last_src, last_sid = src, source_ids.get(src) or self._source_id(src)
+                            last_src, last_sid = src, self._source_id(src)
                         append((ts, mid, value, last_sid))
                         continue
                     reason = check(r, now_ms)
                     if reason is None:  # a valid reading of a meter seen for the first time
                         mid = self._meter_id(site, building, meter)
-                        sid = source_ids.get(src) or self._source_id(src)
+                        sid = self._source_id(src)
                         rows.append((ts, mid, value, sid))
                     else:
                         quarantine.append((now_ms, "reading", reason, repr(tuple(r)), str(src), f"{src}@{ts}"))
@@ -402,7 +401,7 @@ class Buffer:
                         quarantine,
                     )
                 if source is not None:
-                    sid = source_ids.get(source) or self._source_id(source)
+                    sid = self._source_id(source)
                     db.execute("UPDATE sources SET position = ? WHERE id = ?", (json.dumps(position), sid))
                 st = self.stats
                 st["received"] += len(readings)
@@ -449,7 +448,7 @@ class Buffer:
         if len(sources) != 1:
             return None
         src = sources.pop()
-        sid = self._source_ids.get(src) or self._source_id(src)
+        sid = self._source_id(src)
         return list(zip(ts, mids, values, repeat(sid))), lo, hi
 
     def _meter_id(self, site: str, building: str, meter: str) -> int:
@@ -462,9 +461,12 @@ class Buffer:
         return mid
 
     def _source_id(self, name: str) -> int:
-        cur = self.db.execute("INSERT INTO sources(name) VALUES(?)", (str(name),))
-        self._source_ids[str(name)] = cur.lastrowid
-        return cur.lastrowid
+        """The id of source ``name``, recorded on first sight (inside put's transaction)."""
+        sid = self._source_ids.get(name)
+        if sid is None:
+            sid = self._source_ids[str(name)] = self.db.execute(
+                "INSERT INTO sources(name) VALUES(?)", (str(name),)).lastrowid
+        return sid
 
     def _source_name(self, sid: int) -> str:
         for name, i in self._source_ids.items():
@@ -603,8 +605,7 @@ class Buffer:
         return c
 
     def _claim_resend(self, limit: int) -> Claim | None:
-        sql, args = _after(self._resend_frontier)
-        sql = sql.replace("ts", "s.ts").replace("meter", "s.meter")
+        sql, args = _after(self._resend_frontier, "s.")
         rows = self.db.execute(
             "SELECT r.ts, r.meter, r.value FROM resend s JOIN readings r USING(ts, meter)"
             f" WHERE {sql} ORDER BY s.ts, s.meter LIMIT ?",
