@@ -150,10 +150,6 @@ class ReadingScorer:
                              " last_ts INTEGER NOT NULL) WITHOUT ROWID")
             self.last_ts = dict(self._db.execute("SELECT meter_key, last_ts FROM meter_learned"))
 
-    @property
-    def version(self) -> str:
-        return self.holder.version
-
     def score_rows(self, rows: list[tuple[int, int, float]], meters: dict) -> tuple[str, list[list | None]]:
         """(version of the model used, a scored row or None per row). One model per call."""
         self.holder.maybe_reload()
