@@ -826,8 +826,25 @@ class Buffer:
                 "live_lane": self.live is not None,
                 "resend": self._resend_count,
                 "quarantine": self.db.execute("SELECT count(*) FROM quarantine").fetchone()[0],
+                "health": self._state("health"),
                 **{k: self.stats.get(k, 0) for k in STAT_KEYS},
             }
+
+    def save_health(self, health: dict) -> None:
+        """Record the gateway's stage health (``gateway status`` shows it beside the buffer's)."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self._set_state("health", health)
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+
+    def health(self) -> dict | None:
+        """The stage health last recorded by :meth:`save_health`, or None."""
+        return self._state("health")
 
     def close(self) -> None:
         with self._lock:
