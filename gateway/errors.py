@@ -4,7 +4,11 @@
     ├── ConfigError              a configuration that must not start the gateway
     ├── ReadingError             one reading that cannot be accepted (it is quarantined)
     ├── BufferError              the SQLite buffer
-    │   ├── BufferFull           the byte budget is used and the policy is reject-newest
+    │   ├── BufferFull           the byte budget is used and the policy is reject-newest:
+    │   │                        the source waits (its position stays) or counts what it drops
+    │   ├── DiskFull             the disk under the buffer is full (transient)
+    │   ├── BufferBusy           "database is locked" after the busy timeout (transient)
+    │   ├── BufferCorrupt        the buffer file is damaged: `gateway buffer recover`
     │   └── SchemaError          the buffer file was written by a newer gateway
     ├── PublishError             a message could not be delivered
     │   ├── RetryableError       try again later (connection down, timeout)
@@ -58,6 +62,18 @@ class BufferError(GatewayError):  # noqa: A001 - shadows the builtin on purpose,
 
 class BufferFull(BufferError):
     """The byte budget is used and the policy is to reject the newest readings."""
+
+
+class DiskFull(BufferError):
+    """The disk under the buffer is full; nothing was stored, and a retry may succeed."""
+
+
+class BufferBusy(BufferError):
+    """Another connection held the buffer past the busy timeout; a retry may succeed."""
+
+
+class BufferCorrupt(BufferError):
+    """The buffer file is damaged; ``gateway buffer recover`` salvages what is readable."""
 
 
 class SchemaError(BufferError):
