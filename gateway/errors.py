@@ -2,7 +2,6 @@
 
     GatewayError                 base of everything below
     ├── ConfigError              a configuration that must not start the gateway
-    ├── ReadingError             one reading that cannot be accepted (it is quarantined)
     ├── BufferError              the SQLite buffer
     │   ├── BufferFull           the byte budget is used and the policy is reject-newest:
     │   │                        the source waits (its position stays) or counts what it drops
@@ -12,8 +11,11 @@
     │   └── SchemaError          the buffer file was written by a newer gateway
     ├── PublishError             a message could not be delivered
     │   ├── RetryableError       try again later (connection down, timeout)
+    │   ├── NotAuthorizedError   the broker refused the topic (PUBACK NOT_AUTHORIZED): the
+    │   │                        thing's policy is wrong, not the message; keep it, retry slowly
     │   └── UndeliverableError   never deliverable (oversize, bad topic): quarantine it
-    └── ModelError               a model that cannot be loaded, checked or swapped in
+    ├── ModelError               a model that cannot be loaded, checked or swapped in
+    └── BrokerError              the local mosquitto or its certificates (demo, tests, bench)
 
 Lower-level errors (sqlite3, awscrt, onnxruntime, yaml) are mapped to the most specific
 of these with ``raise ... from exc`` where they cross a seam.
@@ -48,14 +50,6 @@ class ConfigErrors(ConfigError):
         self.message = str(self)
 
 
-class ReadingError(GatewayError):
-    """A reading that fails validation. ``reason`` is the short cause."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-        super().__init__(reason)
-
-
 class BufferError(GatewayError):  # noqa: A001 - shadows the builtin on purpose, inside this module only
     """A problem with the SQLite buffer."""
 
@@ -88,9 +82,22 @@ class RetryableError(PublishError):
     """Delivery failed for now: connection down, broker refused, timeout."""
 
 
+class NotAuthorizedError(PublishError):
+    """The broker refused the topic (PUBACK NOT_AUTHORIZED): a configuration fault.
+
+    IoT Core answers it when the thing's policy does not allow the topic. Every message to that
+    topic gets the same answer until a person fixes the policy, so the forwarder keeps the
+    readings, stops sending and retries slowly instead of quarantining the backlog.
+    """
+
+
 class UndeliverableError(PublishError):
     """The message can never be delivered as it is (oversize, invalid topic)."""
 
 
 class ModelError(GatewayError):
     """A model that cannot be loaded, verified or swapped in."""
+
+
+class BrokerError(GatewayError):
+    """The local broker (mosquitto) or its certificates could not be set up."""
