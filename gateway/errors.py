@@ -8,6 +8,7 @@
     │   ├── DiskFull             the disk under the buffer is full (transient)
     │   ├── BufferBusy           "database is locked" after the busy timeout (transient)
     │   ├── BufferCorrupt        the buffer file is damaged: `gateway buffer recover`
+    │   ├── BufferLocked         another gateway holds the buffer's lock file (one gateway per buffer)
     │   └── SchemaError          the buffer file was written by a newer gateway
     ├── PublishError             a message could not be delivered
     │   ├── RetryableError       try again later (connection down, timeout)
@@ -68,6 +69,19 @@ class BufferBusy(BufferError):
 
 class BufferCorrupt(BufferError):
     """The buffer file is damaged; ``gateway buffer recover`` salvages what is readable."""
+
+
+class BufferLocked(BufferError):
+    """Another process holds the buffer's lock file: one buffer serves one gateway at a time.
+
+    ``pid`` is the holder's, as written in the lock file (None when it could not be read).
+    """
+
+    def __init__(self, buffer_path, lock_path, pid: int | None):
+        self.buffer_path, self.lock_path, self.pid = buffer_path, lock_path, pid
+        holder = f"pid {pid} holds {lock_path}" if pid is not None else f"another process holds {lock_path}"
+        super().__init__(f"{buffer_path} is in use by another gateway ({holder}); "
+                         "stop it first: one buffer serves one gateway at a time")
 
 
 class SchemaError(BufferError):
