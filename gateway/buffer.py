@@ -54,7 +54,8 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
-from gateway.errors import BufferError, SchemaError
+from gateway.errors import BufferCorrupt, BufferError, SchemaError
+from gateway.lock import BufferLock
 from gateway.readings import MAX_FUTURE_MS, MIN_TS_MS, Reading, Rejected, check
 
 Key = tuple[int, int]  # (ts, meter id)
@@ -209,6 +210,7 @@ class Buffer:
         self._lock = threading.RLock()
         self._listeners: list[Callable[[], None]] = []
         self.readonly = readonly
+        self._held: BufferLock | None = None  # the lock file, for a writable buffer only
         try:
             if readonly:  # for `gateway status` beside a running gateway: changes nothing
                 if not self.path.exists():
@@ -217,6 +219,7 @@ class Buffer:
                                           check_same_thread=False)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._held = BufferLock(self.path)  # before any write: a second gateway stops here
                 self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute(f"PRAGMA synchronous={self.synchronous}")
@@ -225,7 +228,11 @@ class Buffer:
                 self._migrate()
             self._load()
         except sqlite3.Error as exc:
+            self._unlock()
             raise BufferError(f"{self.path}: cannot open the buffer: {exc}") from exc
+        except BaseException:
+            self._unlock()
+            raise
 
     # ------------------------------------------------------------------ set-up
 
@@ -264,7 +271,15 @@ class Buffer:
 
     def _state(self, key: str, default: Any = None) -> Any:
         row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else default
+        if not row:
+            return default
+        try:
+            return json.loads(row[0])
+        except (TypeError, ValueError) as exc:  # a damaged value: say so, not a JSONDecodeError traceback
+            raise BufferCorrupt(
+                f"{self.path}: the buffer file is damaged (state {key!r} is not JSON: {exc}); stop the gateway "
+                f"and run `gateway buffer recover {self.path} NEW_FILE` to salvage its readings"
+            ) from exc
 
     def _set_state(self, key: str, value: Any) -> None:
         self.db.execute("INSERT OR REPLACE INTO state VALUES(?, ?)", (key, json.dumps(value)))
@@ -854,6 +869,11 @@ class Buffer:
                     self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             finally:
                 self.db.close()
+                self._unlock()
+
+    def _unlock(self) -> None:
+        if self._held is not None:
+            self._held.release()
 
 
 class _Rate:
