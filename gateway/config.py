@@ -8,8 +8,14 @@ Every error names the key path, the bad value and what is allowed::
 
 All problems are collected in one pass and raised together as
 :class:`~gateway.errors.ConfigErrors`; a bad config never starts the gateway. The same
-:func:`validate` checks a Greengrass configuration update before it is applied. A key given
-twice in one mapping is refused (PyYAML would keep the last one silently).
+:func:`validate` checks a Greengrass configuration update before it is applied: it is a pure
+function of the dict, plus checks of the paths it names (they exist as the right kind of file,
+a file the gateway writes can be created) that create nothing. What needs a file's content
+(certificates, the model, the weather, the buffer's schema) is :mod:`gateway.preflight`'s.
+
+A config file must be a regular file of at most 1 MiB, nested at most 32 deep; a key given twice
+in one mapping is refused (PyYAML would keep the last one silently). Numbers must be finite
+(``.inf`` and ``.nan`` are refused).
 
 Reference (defaults in brackets)::
 
@@ -18,9 +24,9 @@ Reference (defaults in brackets)::
     log_level: INFO                 # [INFO] DEBUG, INFO, WARNING, ERROR
     buffer:
       path: var/buffer.db           # [var/buffer.db] relative paths are relative to the config file
-      budget_mb: 1024               # [1024] byte budget of the SQLite file
+      budget_mb: 1024               # [1024] byte budget of the SQLite file, 1..1048576
       policy: drop_oldest           # [drop_oldest] or reject_newest, when the budget is used
-      live_window_s: 300            # [300] readings newer than this (data time) go first
+      live_window_s: 300            # [300] readings newer than this (data time) go first; <= 365 days
       synchronous: full             # [full] fsync every put; "normal" trades power-loss safety for speed
     sources:                        # one or more
       - type: replay                # ASHRAE CSV / CSV.GZ, or a JSON array of messages
@@ -31,11 +37,13 @@ Reference (defaults in brackets)::
       - type: simulator
         name: sim
         meters: 2380                # [2380]
-        interval_s: 60              # [60]
+        interval_s: 60              # [60] 1..86400, a whole number of ms
         speed: 1.0                  # [1.0] null = as fast as possible
         anomaly_rate: 0.0           # [0.0] share of readings turned into spikes or dropouts
-        seed: 1                     # [1]
-        count: null                 # [null] stop after this many readings
+        seed: 1                     # [1] 0..4294967295
+        start: null                 # [null = now] ISO 8601 time of the first tick, 2000-01-01 or later;
+                                    #   no offset = UTC; an unquoted YAML timestamp or date works too
+        count: null                 # [null] stop after this many ticks
         labels_path: null           # [null] where injected anomalies are recorded (CSV)
     publisher:
       type: mqtt                    # mqtt or memory
@@ -51,24 +59,49 @@ Reference (defaults in brackets)::
       window: 64                    # [64] messages in flight
       ack_timeout_s: 30             # [30] no PUBACK for this long while connected = retry
       backoff_min_s: 0.5            # [0.5]
-      backoff_max_s: 60             # [60]
+      backoff_max_s: 60             # [60] each of the three at most 86400
+    model:                          # optional: score every reading
+      path: models/ashrae-lgbm      # the model folder (model.onnx, golden.json, manifest.json)
+      buildings: data/building_metadata.csv  # [the bundled metadata]
+      threads: 1                    # [1] 1..64
+      threshold: 3.5                # [3.5] anomaly score at or above which a reading is flagged
+      enabled: true                 # [true]
+    weather:                        # optional
+      path: data/sample/weather_2016.json.gz
+      max_age_s: 10800              # [10800] older weather counts as missing; <= 365 days
 """
 
 from __future__ import annotations
 
 import difflib
+import math
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
+from gateway import validators
 from gateway.errors import ConfigError, ConfigErrors
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SOURCE_TYPES = ("replay", "simulator")
 PUBLISHER_TYPES = ("mqtt", "memory")
 POLICIES = ("drop_oldest", "reject_newest")
+
+#: The largest config file read, in bytes: a real one is a few KB, and PyYAML reads ~1 MB/s.
+MAX_CONFIG_BYTES = 1 << 20
+#: The deepest nesting of lists and mappings read (a real config nests 3 deep; PyYAML recurses).
+MAX_CONFIG_DEPTH = 32
+#: The smallest byte budget, in MB: below it a buffer has no room for readings beside its schema.
+MIN_BUDGET_MB = 1
+#: The largest durations, in s: beyond them a timeout or window means "never" and overflows timers.
+MAX_WINDOW_S = 365 * 86_400
+MAX_TIMEOUT_S = 86_400
+#: The simulator's shortest and longest interval, in s.
+MIN_INTERVAL_S, MAX_INTERVAL_S = 1, 86_400
 
 
 @dataclass
@@ -134,7 +167,10 @@ class _Checker:
             ok = False
         elif float in kinds and isinstance(value, int) and not isinstance(value, bool):
             ok = True
-            value = float(value) if int not in kinds else value
+            try:
+                value = float(value) if int not in kinds else value
+            except OverflowError:
+                value = math.inf
         else:
             ok = isinstance(value, kinds)
         if not ok:
@@ -144,6 +180,9 @@ class _Checker:
                 hint += ", and write an exponent with its sign: 1.0e+5)" if float in kinds else ")"
             self.fail(where, f"{_show(value)} must be {_kind_names(kinds, nullable)}{hint}")
             return default
+        if isinstance(value, float) and not math.isfinite(value):
+            self.fail(where, f"{_show(original)} must be a finite number")
+            return default
         if check is not None:
             problem = check(value)
             if problem:
@@ -151,12 +190,23 @@ class _Checker:
                 return default
         return value
 
-    def path(self, where: str, value: str, must_exist: bool = True) -> Path:
+    def path(self, where: str, value: str | None, kind: str = "file") -> Path | None:
+        """Resolve ``value`` against the config's folder and check it as a ``kind``:
+        ``file`` (read), ``dir`` (read) or ``new`` (a file the gateway creates or appends to).
+        None (a value already refused for its type) stays None."""
+        if value is None:
+            return None
+        if not value:
+            self.fail(where, "'' must not be empty")
+            return None
         p = Path(value)
         if not p.is_absolute():
             p = self.base / p
-        if must_exist and not p.exists():
-            self.fail(where, f"{value} does not exist")
+        check = {"file": validators.existing_file, "dir": validators.existing_dir,
+                 "new": validators.writable_file}[kind]
+        problem = check(p)
+        if problem:
+            self.fail(where, f"{value} {problem}")
         return p
 
 
@@ -170,8 +220,13 @@ def _show(value: Any) -> str:
     """A value as it reads in YAML: 'text', null, true, [a, b], {type: replay}."""
     if isinstance(value, str):
         return repr(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else ".inf" if value > 0 else "-.inf"
     if value is None or isinstance(value, (bool, list, dict)):
-        text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**9)
+        try:
+            text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**9)
+        except RecursionError:  # a Greengrass update is a dict, not YAML: its depth is not capped
+            return "a value nested too deeply to show"
         return text.strip().removesuffix("...").strip()
     return str(value)
 
@@ -202,6 +257,24 @@ def gt(bound: float) -> Callable[[Any], str | None]:
     return lambda v: None if v > bound else f"must be > {_num(bound)}"
 
 
+def at_least(bound: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= bound else f"must be >= {_num(bound)}"
+
+
+def positive(at_most: float) -> Callable[[Any], str | None]:
+    """> 0 and at most ``at_most``: a duration that must end."""
+    return lambda v: "must be > 0" if not v > 0 else None if v <= at_most else f"must be <= {_num(at_most)}"
+
+
+def interval(v: float) -> str | None:
+    """A simulator interval: MIN..MAX_INTERVAL_S, a whole number of ms (as SimulatorSource checks it)."""
+    if not MIN_INTERVAL_S <= v <= MAX_INTERVAL_S:
+        return f"is out of range {MIN_INTERVAL_S}..{MAX_INTERVAL_S}"
+    if v * 1000 != int(v * 1000):
+        return "must be a whole number of milliseconds"
+    return None
+
+
 def between(lo: float, hi: float) -> Callable[[Any], str | None]:
     return lambda v: None if lo <= v <= hi else f"is out of range {_num(lo)}..{_num(hi)}"
 
@@ -228,17 +301,19 @@ def validate(raw: Any, base: Path = Path(".")) -> Config:
     """Check a parsed config and return it with defaults filled in, or raise ConfigErrors."""
     c = _Checker(base)
     top = c.mapping("", raw, {"thing", "app", "log_level", "buffer", "sources", "publisher", "forwarder",
-                              "model", "weather", "sites"}, {"thing", "sources", "publisher"})
+                              "model", "weather"}, {"thing", "sources", "publisher"})
     thing = c.get("", top, "thing", str, "", check=topic_level("thing"))
     app = c.get("", top, "app", str, "meters", check=topic_level("app"))
     log_level = c.get("", top, "log_level", str, "INFO", check=one_of(*LOG_LEVELS))
 
     b = c.mapping("buffer", top.get("buffer"), {"path", "budget_mb", "policy", "live_window_s", "synchronous"})
     buffer = {
-        "path": c.path("buffer.path", c.get("buffer", b, "path", str, "var/buffer.db"), must_exist=False),
-        "budget_bytes": int(c.get("buffer", b, "budget_mb", (int, float), 1024, check=gt(0)) * 1024 * 1024),
+        "path": c.path("buffer.path", c.get("buffer", b, "path", str, "var/buffer.db"), kind="new"),
+        "budget_bytes": int(c.get("buffer", b, "budget_mb", (int, float), 1024,
+                                  check=between(MIN_BUDGET_MB, 1 << 20)) * 1024 * 1024),
         "policy": c.get("buffer", b, "policy", str, "drop_oldest", check=one_of(*POLICIES)),
-        "live_window_ms": int(c.get("buffer", b, "live_window_s", (int, float), 300, check=gt(0)) * 1000),
+        "live_window_ms": int(c.get("buffer", b, "live_window_s", (int, float), 300,
+                                    check=positive(MAX_WINDOW_S)) * 1000),
         "synchronous": c.get("buffer", b, "synchronous", str, "full", check=one_of("full", "normal")),
     }
 
@@ -263,7 +338,7 @@ def validate(raw: Any, base: Path = Path(".")) -> Config:
             src = {
                 "type": kind,
                 "name": c.get(where, s, "name", str, kind, check=lambda v: None if v else "must not be empty"),
-                "path": c.path(_join(where, "path"), c.get(where, s, "path", str, "")) if "path" in s else None,
+                "path": c.path(_join(where, "path"), c.get(where, s, "path", str)),
                 "speed": c.get(where, s, "speed", float, None, nullable=True, check=gt(0)),
                 "batch_size": c.get(where, s, "batch_size", int, 1000, check=between(1, 100_000)),
             }
@@ -271,17 +346,23 @@ def validate(raw: Any, base: Path = Path(".")) -> Config:
             s = c.mapping(where, s, {"type", "name", "meters", "interval_s", "speed", "anomaly_rate", "seed",
                                      "count", "labels_path", "start"})
             labels = c.get(where, s, "labels_path", str, None, nullable=True)
+            start = None
+            if s.get("start") is not None:
+                start = validators.start_ms(s["start"])
+                if isinstance(start, str):
+                    c.fail(_join(where, "start"), f"{_show(s['start'])} {start}")
+                    start = None
             src = {
                 "type": kind,
                 "name": c.get(where, s, "name", str, kind, check=lambda v: None if v else "must not be empty"),
                 "meters": c.get(where, s, "meters", int, 2380, check=between(1, 1_000_000)),
-                "interval_s": c.get(where, s, "interval_s", (int, float), 60, check=gt(0)),
+                "interval_s": c.get(where, s, "interval_s", (int, float), 60, check=interval),
                 "speed": c.get(where, s, "speed", float, 1.0, nullable=True, check=gt(0)),
                 "anomaly_rate": c.get(where, s, "anomaly_rate", float, 0.0, check=between(0, 1)),
-                "seed": c.get(where, s, "seed", int, 1),
+                "seed": c.get(where, s, "seed", int, 1, check=between(0, 2**32 - 1)),
                 "count": c.get(where, s, "count", int, None, nullable=True, check=gt(0)),
-                "labels_path": c.path(_join(where, "labels_path"), labels, must_exist=False) if labels else None,
-                "start": c.get(where, s, "start", str, None, nullable=True),
+                "labels_path": c.path(_join(where, "labels_path"), labels, kind="new"),
+                "start_ms": start,
             }
         if src["name"] in names:
             hint = "" if "name" in s else " (a source's name defaults to its type: give each source a name)"
@@ -312,8 +393,7 @@ def validate(raw: Any, base: Path = Path(".")) -> Config:
         }
         for key in ("cert", "key", "ca"):
             if key in p:
-                value = c.get("publisher", p, key, str, "")
-                publisher[key] = c.path(f"publisher.{key}", value) if value else None
+                publisher[key] = c.path(f"publisher.{key}", c.get("publisher", p, key, str))
 
     f = c.mapping("forwarder", top.get("forwarder"), {"batch_size", "claim_size", "window", "ack_timeout_s",
                                                       "backoff_min_s", "backoff_max_s"})
@@ -321,9 +401,9 @@ def validate(raw: Any, base: Path = Path(".")) -> Config:
         "batch_size": c.get("forwarder", f, "batch_size", int, 100, check=between(1, 100)),
         "claim_size": c.get("forwarder", f, "claim_size", int, 1000, check=between(1, 100_000)),
         "window": c.get("forwarder", f, "window", int, 64, check=between(1, 10_000)),
-        "ack_timeout_s": c.get("forwarder", f, "ack_timeout_s", (int, float), 30, check=gt(0)),
-        "backoff_min_s": c.get("forwarder", f, "backoff_min_s", (int, float), 0.5, check=gt(0)),
-        "backoff_max_s": c.get("forwarder", f, "backoff_max_s", (int, float), 60, check=gt(0)),
+        "ack_timeout_s": c.get("forwarder", f, "ack_timeout_s", (int, float), 30, check=positive(MAX_TIMEOUT_S)),
+        "backoff_min_s": c.get("forwarder", f, "backoff_min_s", (int, float), 0.5, check=positive(MAX_TIMEOUT_S)),
+        "backoff_max_s": c.get("forwarder", f, "backoff_max_s", (int, float), 60, check=positive(MAX_TIMEOUT_S)),
     }
     if forwarder["backoff_max_s"] < forwarder["backoff_min_s"]:
         default = "" if "backoff_max_s" in f else " (the default)"
@@ -347,9 +427,9 @@ def _model_section(c: _Checker, top: dict) -> dict:
         "threshold": c.get("model", m, "threshold", (int, float), 3.5, check=gt(0)),
     }
     if "path" in m:
-        out["path"] = c.path("model.path", c.get("model", m, "path", str, ""))
+        out["path"] = c.path("model.path", c.get("model", m, "path", str), kind="dir")
     if "buildings" in m:
-        out["buildings"] = c.path("model.buildings", c.get("model", m, "buildings", str, ""))
+        out["buildings"] = c.path("model.buildings", c.get("model", m, "buildings", str))
     else:
         from gateway.model.paths import default_buildings
 
@@ -361,19 +441,47 @@ def _model_section(c: _Checker, top: dict) -> dict:
 
 def _weather_section(c: _Checker, top: dict) -> dict:
     w = c.mapping("weather", top.get("weather"), {"path", "max_age_s"}, {"path"})
-    out = {"max_age_ms": int(c.get("weather", w, "max_age_s", (int, float), 3 * 3600, check=gt(0)) * 1000)}
+    out = {"max_age_ms": int(c.get("weather", w, "max_age_s", (int, float), 3 * 3600,
+                                   check=positive(MAX_WINDOW_S)) * 1000)}
     if "path" in w:
-        out["path"] = c.path("weather.path", c.get("weather", w, "path", str, ""))
+        out["path"] = c.path("weather.path", c.get("weather", w, "path", str))
     return out
+
+
+def _read(path: Path) -> bytes:
+    """The bytes of a config file: a regular file of at most MAX_CONFIG_BYTES, checked before
+    reading (a FIFO would block the read, a huge file would take PyYAML minutes)."""
+    def refuse(problem: str) -> ConfigError:
+        return ConfigError(str(path), f"cannot read the config: {problem}")
+
+    def check(st: os.stat_result) -> None:
+        if stat.S_ISDIR(st.st_mode):
+            raise refuse("Is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse(f"not a regular file ({validators._kind(st.st_mode)})")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise refuse(f"{st.st_size:,} bytes is more than the {MAX_CONFIG_BYTES:,} a config may have")
+
+    try:
+        check(os.stat(path))
+        # O_NONBLOCK: should the path become a FIFO after the stat, opening it does not hang
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise refuse(exc.strerror) from exc
+    with open(fd, "rb") as f:
+        check(os.fstat(f.fileno()))
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:  # it grew after the stat
+        raise refuse(f"more than the {MAX_CONFIG_BYTES:,} bytes a config may have")
+    return data
 
 
 def load(path: str | Path) -> Config:
     """Read and validate a YAML config file."""
     path = Path(path)
+    data = _read(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise ConfigError(str(path), f"cannot read the config: {exc.strerror}") from exc
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(str(path), f"cannot read the config: not UTF-8 (byte 0x{exc.object[exc.start]:02x} "
                                      f"at offset {exc.start})") from exc
@@ -394,7 +502,20 @@ def load(path: str | Path) -> Config:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)
+    and nesting deeper than MAX_CONFIG_DEPTH (PyYAML would recurse until a RecursionError)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self._depth >= MAX_CONFIG_DEPTH and not self.check_event(yaml.ScalarEvent, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, f"nested more than {MAX_CONFIG_DEPTH} deep", self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict = {}

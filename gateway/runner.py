@@ -5,17 +5,40 @@ transaction); one thread forwards. Stopping (Ctrl-C, SIGTERM, or :meth:`Gateway.
 each source finish the batch it is storing, gives the forwarder a moment to collect the
 PUBACKs in flight, and closes the buffer. Anything not acknowledged stays in the buffer and is
 sent on the next start: nothing is lost.
+
+Stages and their health
+-----------------------
+Each thread is a *stage* (``forwarder``, ``source <name>``) with a state: ``running``,
+``retrying`` (after an error, backing off), ``blocked`` (the forwarder, while the broker
+refuses a topic: NOT_AUTHORIZED), ``finished`` (a source that came to its end), ``stopped`` (a
+clean stop) or ``dead``. Every change is saved with :meth:`Buffer.save_health` as
+``{"updated": ms, "stages": {name: {"state", "error", "since", "retries"}}}``, so ``gateway
+status`` shows it from another process.
+
+- **Transient** (:data:`TRANSIENT`): the buffer's BufferBusy ("database is locked" after the
+  busy timeout), DiskFull and BufferFull (reject_newest backpressure), any other
+  ``sqlite3.OperationalError``, :class:`~gateway.errors.RetryableError` and ``OSError`` (a
+  device or a file that went away). The stage retries with exponential backoff and full jitter
+  (1 s doubling to 30 s); a source starts again from its last committed position.
+- **Dead**: transient errors that go on for ``dead_after_s`` (300 s, so about ten retries)
+  without a success in between, or at once any other error (BufferCorrupt, SchemaError, a bug,
+  a value json cannot encode). BufferFull never kills a source: waiting for room is its job.
+
+A dead stage ends :meth:`Gateway.wait`; ``gateway run`` then stops cleanly and exits 1, so the
+Greengrass nucleus restarts the component.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from gateway.buffer import Buffer
 from gateway.config import Config
+from gateway.errors import BufferBusy, BufferFull, DiskFull, RetryableError
 from gateway.forwarder import Backoff, Forwarder
 from gateway.publishers import MemoryPublisher, Publisher
 from gateway.sources import Source
@@ -30,18 +53,11 @@ def build_source(spec: dict) -> Source:
         return ReplaySource(spec["name"], spec["path"], speed=spec["speed"], batch_size=spec["batch_size"])
     from gateway.sources.simulator import SimulatorSource
 
-    kwargs: dict[str, Any] = {}
-    if spec.get("start"):
-        from datetime import datetime, timezone
-
-        start = datetime.fromisoformat(spec["start"].replace("Z", "+00:00"))
-        if start.tzinfo is None:
-            start = start.replace(tzinfo=timezone.utc)
-        kwargs["start_ms"] = int(start.timestamp() * 1000)
+    # config.validate turned `start` (text, or a YAML timestamp) into epoch ms; None = now
     return SimulatorSource(
         spec["name"], meters=spec["meters"], seed=spec["seed"], interval_s=spec["interval_s"],
         speed=spec["speed"], anomaly_rate=spec["anomaly_rate"], count=spec["count"],
-        labels_path=spec["labels_path"], **kwargs,
+        labels_path=spec["labels_path"], start_ms=spec.get("start_ms"),
     )
 
 
@@ -51,7 +67,10 @@ def build_publisher(config: Config) -> Publisher:
         return MemoryPublisher()
     from gateway.publishers.mqtt import MqttPublisher
 
-    pub = MqttPublisher(p["endpoint"], config.thing, p["cert"], p["key"], p["ca"], port=p["port"], local=p["local"])
+    # awscrt's operation timeout is the forwarder's ack_timeout_s; the forwarder's own per-claim
+    # timeout is longer (see gateway.forwarder), so a lost publish fails in the client first.
+    pub = MqttPublisher(p["endpoint"], config.thing, p["cert"], p["key"], p["ca"], port=p["port"], local=p["local"],
+                        ack_timeout=config.forwarder["ack_timeout_s"])
     return pub.start()
 
 
@@ -77,11 +96,137 @@ def build_scorer(config: Config, db_path: Any) -> Any:
                          weather=weather, weather_max_age_ms=max_age, db_path=db_path)
 
 
+TRANSIENT: tuple[type[BaseException], ...] = (
+    BufferBusy, DiskFull, BufferFull, sqlite3.OperationalError, RetryableError, OSError,
+)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Health:
+    """Every stage's state, saved in the buffer on each change (see the module doc)."""
+
+    def __init__(self, buffer: Buffer, clock: Callable[[], float] = time.time):
+        self.buffer = buffer
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._stages: dict[str, dict] = {}
+        self._dirty = False
+        self.changed = threading.Event()  # set whenever a stage changes state
+
+    def set(self, stage: str, state: str, error: str | None = None, retries: int | None = None) -> None:
+        with self._lock:
+            old = self._stages.get(stage)
+            if old is not None and old["state"] == state and old["error"] == error and retries is None:
+                return
+            self._stages[stage] = {
+                "state": state, "error": error,
+                "since": old["since"] if old is not None and old["state"] == state else int(self.clock() * 1000),
+                "retries": retries if retries is not None else (old["retries"] if old else 0),
+            }
+            self._dirty = True
+        self.changed.set()
+        self.save()
+
+    def save(self) -> None:
+        """Write the stages to the buffer if they changed; a failure waits for the next try."""
+        with self._lock:
+            if not self._dirty:
+                return
+            record = {"updated": int(self.clock() * 1000), "stages": {k: dict(v) for k, v in self._stages.items()}}
+            self._dirty = False
+        try:
+            self.buffer.save_health(record)
+        except Exception as exc:  # the buffer may be the very thing failing; the state is kept
+            with self._lock:
+                self._dirty = True
+            log.debug("could not save stage health: %s", _describe(exc))
+
+    def snapshot(self) -> dict[str, dict]:
+        with self._lock:
+            return {k: dict(v) for k, v in self._stages.items()}
+
+    def dead(self) -> dict[str, str]:
+        """The dead stages and the error each died of."""
+        with self._lock:
+            return {k: v["error"] for k, v in self._stages.items() if v["state"] == "dead"}
+
+
+class Stage:
+    """One stage's retry policy (see the module doc) and its health.
+
+    ``failed(exc)`` returns the delay before the next try, or None when the stage is dead.
+    """
+
+    def __init__(self, name: str, health: Health, *, dead_after_s: float = 300.0,
+                 backoff: Backoff | None = None, clock: Callable[[], float] = time.monotonic):
+        self.name = name
+        self.health = health
+        self.dead_after_s = dead_after_s
+        self.backoff = backoff or Backoff(1.0, 30.0)
+        self.clock = clock
+        self.retries = 0  # in all
+        self._streak = 0  # failures since the last success
+        self._failing_since: float | None = None
+        self._blocked: str | None = None
+        health.set(name, "running")
+
+    def ok(self) -> None:
+        """The stage made progress: a run of failures, if any, is over."""
+        if not self._streak:
+            return
+        log.info("%s: working again after %d %s", self.name, self._streak, "retry" if self._streak == 1 else "retries")
+        self._streak = 0
+        self._failing_since = None
+        self.backoff.reset()
+        self.health.set(self.name, "blocked" if self._blocked else "running", self._blocked, retries=self.retries)
+
+    def failed(self, exc: BaseException) -> float | None:
+        """The delay before the next try after ``exc``, or None: the stage is dead."""
+        why = _describe(exc)
+        now = self.clock()
+        if not isinstance(exc, TRANSIENT):
+            log.error("%s is dead: %s", self.name, why, exc_info=exc)
+            self.health.set(self.name, "dead", why, retries=self.retries)
+            return None
+        if not isinstance(exc, BufferFull):  # backpressure: waiting for room is never a reason to die
+            if self._failing_since is None:
+                self._failing_since = now
+            elif now - self._failing_since >= self.dead_after_s:
+                log.error("%s is dead: %s, still, after %d retries in %.0f s", self.name, why, self._streak,
+                          now - self._failing_since)
+                self.health.set(self.name, "dead", why, retries=self.retries)
+                return None
+        delay = self.backoff.next()
+        # Like a meter that stops answering: once at WARNING, then quietly until it recovers.
+        log.log(logging.WARNING if not self._streak else logging.DEBUG,
+                "%s: %s; retrying in %.1f s", self.name, why, delay)
+        self._streak += 1
+        self.retries += 1
+        self.health.set(self.name, "retrying", why, retries=self.retries)
+        return delay
+
+    def blocked(self, reason: str | None) -> None:
+        """The forwarder's policy refusal began (``reason``) or cleared (None)."""
+        self._blocked = reason
+        self.health.set(self.name, "blocked" if reason else "running", reason, retries=self.retries)
+
+    def end(self, state: str) -> None:
+        """``finished`` or ``stopped``, unless the stage is dead or finished already."""
+        if self.health.snapshot().get(self.name, {}).get("state") not in ("dead", "finished"):
+            self.health.set(self.name, state, None, retries=self.retries)
+
+
 class Gateway:
-    """The running gateway. ``publisher``, ``sources`` and ``scorer`` may be injected (tests)."""
+    """The running gateway. ``publisher``, ``sources`` and ``scorer`` may be injected (tests);
+    ``dead_after_s`` and ``stage_backoff`` set the stages' retry policy (see the module doc)."""
 
     def __init__(self, config: Config, *, publisher: Publisher | None = None,
-                 sources: list[Source] | None = None, scorer: Any = None):
+                 sources: list[Source] | None = None, scorer: Any = None,
+                 dead_after_s: float = 300.0, stage_backoff: Callable[[], Backoff] | None = None,
+                 auth_retry_s: float = 300.0):
         self.config = config
         b = config.buffer
         self.buffer = Buffer(b["path"], budget_bytes=b["budget_bytes"], policy=b["policy"],
@@ -99,36 +244,55 @@ class Gateway:
         self.forwarder = Forwarder(
             self.buffer, self.publisher, config.thing, app=config.app, batch_size=f["batch_size"],
             claim_size=f["claim_size"], window=f["window"], ack_timeout_s=f["ack_timeout_s"],
-            backoff=Backoff(f["backoff_min_s"], f["backoff_max_s"]), scorer=scorer,
+            auth_retry_s=auth_retry_s, backoff=Backoff(f["backoff_min_s"], f["backoff_max_s"]), scorer=scorer,
         )
         self.stop_event = threading.Event()
+        self.health = Health(self.buffer)
+        self.dead_after_s = dead_after_s
+        self.stage_backoff = stage_backoff or (lambda: Backoff(1.0, 30.0))
+        self._stages: list[Stage] = []
         self._source_threads: list[threading.Thread] = []
         self._forwarder_thread: threading.Thread | None = None
-        self.source_errors: dict[str, str] = {}
 
     # ------------------------------------------------------------------ threads
 
-    def _read(self, source: Source) -> None:
-        position = self.buffer.position(source.name)
-        log.info("source %s starts at position %r", source.name, position)
-        try:
-            for batch in source.batches(position, self.stop_event):
-                self.buffer.put(batch.readings, batch.rejected, source=source.name, position=batch.position)
-                if self.stop_event.is_set():
-                    break
-        except Exception as exc:  # a broken source stops itself, never the gateway
-            self.source_errors[source.name] = f"{type(exc).__name__}: {exc}"
-            log.error("source %s stopped: %s", source.name, self.source_errors[source.name])
-        else:
-            log.info("source %s finished", source.name)
+    def _stage(self, name: str) -> Stage:
+        stage = Stage(name, self.health, dead_after_s=self.dead_after_s, backoff=self.stage_backoff())
+        self._stages.append(stage)
+        return stage
+
+    def _read(self, source: Source, stage: Stage) -> None:
+        """Put the source's batches until it ends, it dies, or the gateway stops; after an
+        error, start again from the last committed position."""
+        while not self.stop_event.is_set():
+            try:
+                position = self.buffer.position(source.name)
+                log.info("source %s starts at position %r", source.name, position)
+                for batch in source.batches(position, self.stop_event):
+                    self.buffer.put(batch.readings, batch.rejected, source=source.name, position=batch.position)
+                    stage.ok()
+                    if self.stop_event.is_set():
+                        break
+            except Exception as exc:
+                delay = stage.failed(exc)
+                if delay is None:
+                    return
+                self.stop_event.wait(delay)
+                continue
+            if not self.stop_event.is_set():
+                log.info("source %s finished", source.name)
+                stage.end("finished")
+            return
 
     def start(self) -> "Gateway":
         for source in self.sources:
-            t = threading.Thread(target=self._read, args=(source,), name=f"source-{source.name}", daemon=True)
+            stage = self._stage(f"source {source.name}")
+            t = threading.Thread(target=self._read, args=(source, stage), name=f"source-{source.name}", daemon=True)
             t.start()
             self._source_threads.append(t)
         self._forwarder_thread = threading.Thread(
-            target=self.forwarder.run, args=(self.stop_event,), name="forwarder", daemon=True
+            target=self.forwarder.run, args=(self.stop_event,), kwargs={"stage": self._stage("forwarder")},
+            name="forwarder", daemon=True,
         )
         self._forwarder_thread.start()
         return self
@@ -141,16 +305,23 @@ class Gateway:
         """True once every source has finished and everything stored is acknowledged."""
         return self.sources_done and self.buffer.pending() == 0 and not self.forwarder.messages_in_flight
 
+    def dead(self) -> dict[str, str]:
+        """The stages that died, with their errors (``gateway run`` exits 1 when any did)."""
+        return self.health.dead()
+
     def wait(self, *, until_idle: bool = False, timeout: float | None = None) -> bool:
-        """Block until stopped (or, with ``until_idle``, until :meth:`idle`). False on timeout."""
+        """Block until stopped, until a stage is dead, or (with ``until_idle``) until
+        :meth:`idle`. False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.stop_event.is_set():
+        while not self.stop_event.is_set() and not self.dead():
             if until_idle and self.idle():
                 return True
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False
-            self.stop_event.wait(0.2 if left is None else min(0.2, left))
+            self.health.save()  # retries a save that failed
+            self.health.changed.wait(0.2 if left is None else min(0.2, left))
+            self.health.changed.clear()
         return True
 
     def stop(self, drain_timeout_s: float = 10.0) -> None:
@@ -161,13 +332,16 @@ class Gateway:
             t.join()
         if self._forwarder_thread is not None:
             self._forwarder_thread.join(drain_timeout_s + 5)
+        for stage in self._stages:
+            stage.end("stopped")
+        self.health.save()
         self.publisher.close()
         if self.scorer is not None and hasattr(self.scorer, "close"):
             self.scorer.close()
         self.buffer.close()
 
     def status(self) -> dict:
-        st = {**self.buffer.status(), "forwarder": self.forwarder.status(), "source_errors": self.source_errors}
+        st = {**self.buffer.status(), "forwarder": self.forwarder.status(), "stages": self.health.snapshot()}
         if self.scorer is not None and hasattr(self.scorer, "status"):
             st["scoring"] = self.scorer.status()
         return st

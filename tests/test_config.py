@@ -23,7 +23,7 @@ sources:
 publisher: {type: memory}
 """
 
-TOP_KEYS = "app, buffer, forwarder, log_level, model, publisher, sites, sources, thing, weather"
+TOP_KEYS = "app, buffer, forwarder, log_level, model, publisher, sources, thing, weather"
 BUFFER_KEYS = "budget_mb, live_window_s, path, policy, synchronous"
 REPLAY_KEYS = "batch_size, name, path, speed, type"
 FORWARDER_KEYS = "ack_timeout_s, backoff_max_s, backoff_min_s, batch_size, claim_size, window"
@@ -32,7 +32,7 @@ FORWARDER_KEYS = "ack_timeout_s, backoff_max_s, backoff_min_s, batch_size, claim
 @pytest.fixture
 def folder(tmp_path) -> Path:
     """A config folder holding the replay file that MINIMAL points at."""
-    (tmp_path / "readings.csv").write_text("building_id,meter,timestamp,meter_reading\n")
+    (tmp_path / "readings.csv").write_text("building_id,meter,timestamp,meter_reading,site_id\n")
     return tmp_path
 
 
@@ -87,7 +87,7 @@ def test_relative_paths_resolve_against_the_config_folder_not_the_cwd(folder, tm
     absolute = folder / "readings.csv"
     config = load(write(folder, f"""\
 thing: gw-test-01
-buffer: {{path: state/buf.db, budget_mb: 0.5, policy: reject_newest, live_window_s: 1.5}}
+buffer: {{path: state/buf.db, budget_mb: 1.5, policy: reject_newest, live_window_s: 1.5}}
 sources:
   - {{type: replay, name: a, path: readings.csv, speed: 3600}}
   - {{type: replay, name: b, path: {absolute}}}
@@ -96,7 +96,7 @@ publisher: {{type: mqtt, endpoint: localhost, cert: certs/gw.crt, key: certs/gw.
 """))
     base = folder.resolve()
     assert config.buffer["path"] == base / "state/buf.db"
-    assert (config.buffer["budget_bytes"], config.buffer["policy"]) == (2**19, "reject_newest")
+    assert (config.buffer["budget_bytes"], config.buffer["policy"]) == (3 * 2**19, "reject_newest")
     assert config.buffer["live_window_ms"] == 1500
     assert [s["path"] for s in config.sources[:2]] == [base / "readings.csv", absolute]
     assert config.sources[0]["speed"] == 3600.0 and isinstance(config.sources[0]["speed"], float)
@@ -104,6 +104,8 @@ publisher: {{type: mqtt, endpoint: localhost, cert: certs/gw.crt, key: certs/gw.
     assert (sim["name"], sim["meters"], sim["interval_s"], sim["speed"], sim["seed"], sim["count"]) == (
         "simulator", 2380, 60, 1.0, 1, None)
     assert sim["labels_path"] == base / "out/labels.csv"  # need not exist yet
+    assert sim["start_ms"] is None  # now, when the source is built
+    assert not (folder / "state").exists() and not (folder / "out").exists()  # checked, not created
     assert config.publisher == {"type": "mqtt", "endpoint": "localhost", "port": 8883, "local": False,
                                 "cert": base / "certs/gw.crt", "key": base / "certs/gw.key",
                                 "ca": base / "certs/ca.crt"}
@@ -123,6 +125,21 @@ def test_validate_checks_an_already_parsed_update(folder):
 
 
 # ---------------------------------------------------------------- the bad-config corpus
+
+
+def sim(keys: str) -> str:
+    """MINIMAL with a second source, a simulator with ``keys`` (YAML flow-mapping entries)."""
+    return MINIMAL.replace("publisher:", f"  - {{type: simulator, {keys}}}\npublisher:")
+
+
+def mqtt(keys: str) -> str:
+    """MINIMAL with an mqtt publisher whose files all exist, then ``keys`` (flow-mapping entries)."""
+    files = {"cert": "readings.csv", "key": "readings.csv", "ca": "readings.csv"}
+    for entry in keys.split(", "):
+        files.pop(entry.split(":")[0], None)
+    given = ", ".join([f"{k}: {v}" for k, v in files.items()] + [keys])
+    return MINIMAL.replace("{type: memory}", f"{{type: mqtt, endpoint: localhost, {given}}}")
+
 
 CASES = [
     # missing required sections
@@ -190,7 +207,7 @@ CASES = [
                                                                   "\npublisher:"),
      ["sources[1].meters: 0 is out of range 1..1000000", "sources[1].anomaly_rate: 1.5 is out of range 0..1"]),
     ("negative-float", MINIMAL + "buffer: {live_window_s: -0.5, budget_mb: 0}\n",
-     ["buffer.budget_mb: 0 must be > 0", "buffer.live_window_s: -0.5 must be > 0"]),
+     ["buffer.budget_mb: 0 is out of range 1..1048576", "buffer.live_window_s: -0.5 must be > 0"]),
     ("policy-not-allowed", MINIMAL + "buffer: {policy: drop_newest}\n",
      ["buffer.policy: 'drop_newest' is not one of drop_oldest, reject_newest"]),
     ("log-level-is-case-sensitive", MINIMAL + "log_level: info\n",
@@ -211,6 +228,64 @@ CASES = [
      ["forwarder.backoff_max_s: 2 must be >= backoff_min_s (5)"]),
     ("backoff-min-above-default-max", MINIMAL + "forwarder: {backoff_min_s: 90.5}\n",
      ["forwarder.backoff_max_s: 60 (the default) must be >= backoff_min_s (90.5)"]),
+    # keys nothing reads are refused like any unknown key
+    ("sites-is-read-by-nothing", MINIMAL + "sites: 42\n",
+     [f"sites: unknown key (allowed: {TOP_KEYS})"]),
+    # a simulator's start: ISO 8601 text, or an unquoted YAML timestamp (see the good cases)
+    ("start-not-a-date", sim("start: not a date"),
+     ["sources[1].start: 'not a date' is not an ISO 8601 date and time (2016-01-01T00:00:00Z)"]),
+    ("start-year-10000", sim("start: 10000-01-01"),
+     ["sources[1].start: '10000-01-01' is not an ISO 8601 date and time (2016-01-01T00:00:00Z)"]),
+    ("start-before-2000", sim("start: 1999-12-31T23:59:59Z"),
+     ["sources[1].start: 1999-12-31 23:59:59+00:00 is before 2000-01-01: every reading would be quarantined"]),
+    ("start-a-number", sim("start: 1451606400000"),
+     ["sources[1].start: 1451606400000 must be an ISO 8601 date and time (2016-01-01T00:00:00Z) or null"]),
+    # what the constructors used to be the first to check
+    ("seed-negative", sim("seed: -1"), ["sources[1].seed: -1 is out of range 0..4294967295"]),
+    ("seed-too-big", sim("seed: 4294967296"), ["sources[1].seed: 4294967296 is out of range 0..4294967295"]),
+    ("interval-too-short", sim("interval_s: 0.0001"), ["sources[1].interval_s: 0.0001 is out of range 1..86400"]),
+    ("interval-too-long", sim("interval_s: 86401"), ["sources[1].interval_s: 86401 is out of range 1..86400"]),
+    ("interval-not-whole-ms", sim("interval_s: 1.0005"),
+     ["sources[1].interval_s: 1.0005 must be a whole number of milliseconds"]),
+    # numbers must be finite, and durations must end
+    ("inf-and-nan", MINIMAL + "buffer: {budget_mb: .inf, live_window_s: .nan}\nweather: {path: readings.csv, "
+                              "max_age_s: .inf}\nforwarder: {ack_timeout_s: .inf}\n",
+     ["buffer.budget_mb: .inf must be a finite number", "buffer.live_window_s: .nan must be a finite number",
+      "forwarder.ack_timeout_s: .inf must be a finite number", "weather.max_age_s: .inf must be a finite number"]),
+    ("inf-speeds-and-threshold", sim("speed: .inf, anomaly_rate: .nan").replace(
+        "readings.csv\n", "readings.csv\n    speed: -.inf\n", 1) + "model: {path: ., buildings: readings.csv, "
+                                                                     "threshold: .nan}\n",
+     ["sources[0].speed: -.inf must be a finite number", "sources[1].speed: .inf must be a finite number",
+      "sources[1].anomaly_rate: .nan must be a finite number", "model.threshold: .nan must be a finite number"]),
+    ("durations-that-never-end", MINIMAL + "buffer: {live_window_s: 1.0e+300}\nweather: {path: readings.csv, "
+                                           "max_age_s: 31536001}\nforwarder: {backoff_max_s: 86401}\n",
+     ["buffer.live_window_s: 1e+300 must be <= 31536000", "forwarder.backoff_max_s: 86401 must be <= 86400",
+      "weather.max_age_s: 31536001 must be <= 31536000"]),
+    ("budget-below-the-floor", MINIMAL + "buffer: {budget_mb: 1.0e-9}\n",
+     ["buffer.budget_mb: 1e-09 is out of range 1..1048576"]),
+    # paths: the right kind of file, and a file the gateway writes must be creatable
+    ("buffer-under-proc", MINIMAL + "buffer: {path: /proc/gw/buffer.db}\n",
+     ["buffer.path: /proc/gw/buffer.db is under /proc, which cannot hold a file"]),
+    ("buffer-under-sys", MINIMAL + "buffer: {path: /sys/buffer.db}\n",
+     ["buffer.path: /sys/buffer.db is under /sys, which cannot hold a file"]),
+    ("buffer-is-a-directory", MINIMAL + "buffer: {path: .}\n", ["buffer.path: . is a directory, not a file"]),
+    ("buffer-is-a-device", MINIMAL + "buffer: {path: /dev/null}\n",
+     ["buffer.path: /dev/null is not a regular file (a character device)"]),
+    ("buffer-under-a-file", MINIMAL + "buffer: {path: readings.csv/buffer.db}\n",
+     ["buffer.path: readings.csv/buffer.db cannot be created: {folder}/readings.csv is not a directory"]),
+    ("labels-under-proc", sim("labels_path: /proc/labels.csv"),
+     ["sources[1].labels_path: /proc/labels.csv is under /proc, which cannot hold a file"]),
+    ("replay-is-a-directory", MINIMAL.replace("path: readings.csv", "path: ."),
+     ["sources[0].path: . is a directory, not a file"]),
+    ("replay-path-empty", MINIMAL.replace("path: readings.csv", "path: ''"),
+     ["sources[0].path: '' must not be empty"]),
+    ("tls-files-are-directories", mqtt("cert: ., key: ., ca: /"),
+     ["publisher.cert: . is a directory, not a file", "publisher.key: . is a directory, not a file",
+      "publisher.ca: / is a directory, not a file"]),
+    ("tls-file-empty-path", mqtt("ca: ''"), ["publisher.ca: '' must not be empty"]),
+    ("model-path-is-a-file", MINIMAL + "model: {path: readings.csv, buildings: .}\n",
+     ["model.path: readings.csv is not a directory", "model.buildings: . is a directory, not a file"]),
+    ("weather-is-a-directory", MINIMAL + "weather: {path: .}\n", ["weather.path: . is a directory, not a file"]),
     # the shape of the whole file
     ("top-level-list", "- thing: gw-test-01\n- publisher: {type: memory}\n",
      ["top level: [{thing: gw-test-01}, {publisher: {type: memory}}] must be a mapping"]),
@@ -220,7 +295,9 @@ CASES = [
 
 @pytest.mark.parametrize(("text", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_config_is_refused_with_exact_messages(folder, text, expected):
-    assert errors(folder, text) == expected
+    before = set(folder.rglob("*"))
+    assert errors(folder, text) == [e.replace("{folder}", str(folder.resolve())) for e in expected]
+    assert set(folder.rglob("*")) == before | {folder / "gw.yaml"}  # nothing created, no buffer
 
 
 @pytest.mark.parametrize(("thing", "message"), [
