@@ -182,13 +182,24 @@ def quarantine(config_path: str | None, db: str | None, limit: int, kind: str | 
 @click.option("--no-score", is_flag=True, help="Skip the scoring stage.")
 @click.option("--startup-readings", default=3_000_000, show_default=True,
               help="Readings buffered for the start-up measure.")
-def bench(n: int, as_json: bool, no_score: bool, startup_readings: int) -> None:
-    """Measure ingest, drain, scoring, start-up and the gateway's memory against their raw
-    limits or goals, in this run."""
+@click.option("--iotcore-readings", default=40_000, show_default=True,
+              help="Readings drained through IoT Core's flow control (about 10-20 s at its limits).")
+@click.option("--key-ticks", default=30, show_default=True,
+              help="Fleet ticks written per key layout in the time-first vs meter-first measure.")
+@click.option("--key-prefill-ticks", default=300, show_default=True,
+              help="Fleet ticks stored before the key measure (a small table hides a meter-first key's cost).")
+@click.option("--gateway-readings", type=int, default=None,
+              help="Readings for the real `gateway run` (default: --readings).")
+def bench(n: int, as_json: bool, no_score: bool, startup_readings: int, iotcore_readings: int, key_ticks: int,
+          key_prefill_ticks: int, gateway_readings: int | None) -> None:
+    """Measure ingest, drain, scoring, start-up, the gateway's memory and disk writes against
+    their raw limits or goals, and the capacity against IoT Core's limits, in this run."""
     from gateway import bench as b
 
     say = (lambda s: click.echo(s, err=True)) if as_json else click.echo
-    result = b.run(n, score=not no_score, startup_n=startup_readings, progress=lambda s: say(f"· {s}"))
+    result = b.run(n, score=not no_score, startup_n=startup_readings, iotcore_n=iotcore_readings,
+                   key_ticks=key_ticks, key_prefill_ticks=key_prefill_ticks, gateway_n=gateway_readings,
+                   progress=lambda s: say(f"· {s}"))
     ok = b.verdicts(result)
     if not as_json:
         from rich.console import Console

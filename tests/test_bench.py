@@ -1,29 +1,89 @@
 """gateway bench --json: one JSON object as the last line, with every measure the issues name.
 
-Speed is what the bench measures, as ratios against raw limits in the same run; this test only
-checks that every stage ran and reported, never how fast."""
+Speed is what the bench measures, as ratios against raw limits in the same run; these tests only
+check that every stage ran and reported, and the arithmetic the README quotes, never how fast."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
+
+import pytest
+
+from gateway import bench
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_json_reports_every_stage():
     out = subprocess.run([sys.executable, "-m", "gateway.cli", "bench", "--readings", "5000",
-                          "--startup-readings", "50000", "--json"],
-                         capture_output=True, text=True, cwd=REPO, timeout=240)
+                          "--startup-readings", "50000", "--iotcore-readings", "3000", "--key-ticks", "2",
+                          "--key-prefill-ticks", "5", "--json"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("ingest_ratio", "drain_readings_per_s", "wire_bytes_per_reading", "peak_rss_mb", "score_ratio",
-                "startup_s", "drain_ratio", "gateway_readings_per_s"):
+    for key in ("ingest_ratio", "ingest_claimed_ratio", "ingest_claimed_readings_per_s", "drain_readings_per_s",
+                "wire_bytes_per_reading", "wire_bytes_per_raw_reading", "wire_bytes_per_scored_reading",
+                "raw_readings_per_message", "scored_readings_per_message", "sample_raw_readings_per_message",
+                "sample_wire_bytes_per_raw_reading", "sample_wire_bytes_per_scored_reading",
+                "peak_rss_mb", "score_ratio", "startup_s", "drain_ratio", "gateway_readings_per_s",
+                "drain_iotcore_readings_per_s", "iotcore_raw_readings_per_s", "iotcore_scored_readings_per_s",
+                "iotcore_scored_outage_drain_min", "drain_iotcore_outage_drain_min",
+                "disk_bytes_written_per_reading", "wchar_per_reading", "stats_save_bytes",
+                "keys_time_first_bytes_written_per_reading", "keys_meter_first_bytes_written_per_reading",
+                "model_rmsle_alone", "model_rmsle_online"):
         assert isinstance(result[key], (int, float)) and result[key] > 0, key
     assert result["readings"] == 5000
     assert result["gateway_scored"] is True
+    assert result["drain_iotcore_scored"] is True
+    assert result["drain_iotcore_readings"] == 3000
     assert result["drain_target"].startswith("local mosquitto")
+    assert result["disk_filesystem"] not in ("tmpfs", "ramfs")  # else write_bytes would be 0
     assert result["wire_bytes_per_reading"] > result["payload_bytes_per_reading"]  # MQTT framing counted
+    assert result["wire_bytes_per_scored_reading"] > result["wire_bytes_per_raw_reading"]
+    assert result["iotcore_raw_binds"] in ("100 publishes/s", "512 KB/s")
+    assert result["model_version"].startswith("ashrae-lgbm-")
     assert "· ingest: Buffer.put vs bare executemany" in out.stderr  # progress goes to stderr with --json
+
+
+def test_capacity_names_the_binding_limit_and_the_outage_drain():
+    # 100 readings a message: 512 KB/s binds (524288 / 53.6 = 9,781 < 100 x 100).
+    full = bench.capacity(53.6, 100, 69.4, 100)
+    assert full["iotcore_raw_binds"] == "512 KB/s"
+    assert full["iotcore_raw_readings_per_s"] == pytest.approx(524288 / 53.6)
+    assert full["iotcore_scored_readings_per_s"] == pytest.approx(524288 / (53.6 + 69.4))
+    # 2,380 meters x 1/min for 72 h, drained while the fleet keeps reading.
+    assert full["outage_readings"] == 2380 * 60 * 72
+    fleet = 2380 / 60
+    assert full["iotcore_scored_outage_drain_min"] == pytest.approx(
+        2380 * 60 * 72 / (524288 / 123.0 - fleet) / 60)
+    # 40 readings a message: the 100 publishes/s bind (4,000 < 9,781), and raw+scored is half of it.
+    split = bench.capacity(53.6, 40, 69.4, 40, measured_per_s=1000, measured_key="drain_iotcore")
+    assert split["iotcore_raw_binds"] == "100 publishes/s"
+    assert split["iotcore_raw_readings_per_s"] == pytest.approx(4000)
+    assert split["iotcore_scored_readings_per_s"] == pytest.approx(2000)
+    assert split["drain_iotcore_outage_drain_min"] == pytest.approx(2380 * 60 * 72 / (1000 - fleet) / 60)
+    # A connection slower than the fleet never drains.
+    assert bench.capacity(53.6, 40, measured_per_s=10, measured_key="x")["x_outage_drain_min"] is None
+
+
+def test_a_stalled_stage_fails_loudly():
+    with pytest.raises(bench.BenchError, match=r"^bench: the bare awscrt publish did not finish within 0.01 s$"):
+        bench._await(threading.Event(), 0.01, "the bare awscrt publish")
+
+
+def test_model_figures_come_from_the_manifest(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "version": "m-1", "metrics": {"rmsle_model": {"overall": 1.75}, "rmsle_model_clean": {"overall": 1.29},
+                                      "rmsle_online": {"overall": 0.8}, "anomaly": {"auc": 0.98}}}))
+    assert bench.model_figures(tmp_path) == {
+        "model_version": "m-1", "model_rmsle_alone": 1.75, "model_rmsle_alone_working_meters": 1.29,
+        "model_rmsle_online": 0.8, "model_anomaly_auc": 0.98}
+
+
+def test_bench_files_go_to_a_real_disk():
+    with bench.disk_tempdir() as d:
+        assert bench.filesystem_of(d) not in ("tmpfs", "ramfs")
