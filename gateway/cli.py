@@ -42,13 +42,15 @@ def main() -> None:
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config file.")
 @click.option("--exit-when-idle", is_flag=True, help="Stop once every source is done and everything is acknowledged.")
-@click.option("--check", is_flag=True, help="Validate the config and exit.")
+@click.option("--check", is_flag=True, help="Run every check a start runs (certificates, model, files) and exit.")
 def run(config_path: str, exit_when_idle: bool, check: bool) -> None:
     """Run sources → buffer → forwarder until Ctrl-C or SIGTERM."""
     from gateway import config as cfg
+    from gateway import preflight
 
     try:
         config = cfg.load(config_path)
+        preflight.check(config)  # before anything is created: a bad config leaves no buffer file
     except GatewayError as exc:
         _fail(exc, config_path)
     if check:

@@ -118,6 +118,53 @@ def test_run_with_a_missing_config_file(tmp_path):
                              "No such file or directory\n")
 
 
+def mqtt_config(folder: Path, certs, **files: str) -> Path:
+    """A config publishing over mqtt to a port nobody listens on, with the thing's real files
+    unless ``files`` names others; written to ``folder / "gw.yaml"``."""
+    client = certs.client("meter-gw-1")
+    paths = {"cert": client.cert, "key": client.key, "ca": certs.ca, **files}
+    config = folder / "gw.yaml"
+    config.write_text(GOOD.replace("{type: memory}", "{type: mqtt, endpoint: localhost, port: 1, " + ", ".join(
+        f"{k}: {v}" for k, v in paths.items()) + "}"))
+    return config
+
+
+def test_check_runs_the_start_checks_without_connecting_or_creating(tmp_path, certs):
+    config = mqtt_config(tmp_path, certs)
+    result = invoke("run", "--config", config, "--check")
+    assert (result.exit_code, result.stdout, result.stderr) == (0, f"{config}: ok\n", "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gw.yaml"]
+
+
+def test_check_refuses_what_a_start_would_fail_on(tmp_path, certs):
+    """--check said "ok" to these; a start then failed (a traceback, or a buffer file left behind)."""
+    (tmp_path / "garbage.pem").write_text("garbage\n")
+    config = mqtt_config(tmp_path, certs, ca="garbage.pem")
+    config.write_text(config.read_text().replace("publisher:", "  - {type: simulator, start: not a date}\n"
+                                                               "publisher:"))
+    result = invoke("run", "--config", config, "--check")
+    assert (result.exit_code, result.stdout, result.stderr) == (2, "", (
+        f"error: invalid config {config}:\n"
+        "sources[1].start: 'not a date' is not an ISO 8601 date and time (2016-01-01T00:00:00Z)\n"))
+    config.write_text(config.read_text().replace("start: not a date", "start: 2016-01-01T00:00:00Z"))
+    result = invoke("run", "--config", config, "--check")
+    assert (result.exit_code, result.stdout, result.stderr) == (2, "", (
+        f"error: invalid config {config}:\npublisher.ca: garbage.pem holds no PEM certificate to trust\n"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.pem", "gw.yaml"]
+
+
+def test_a_start_runs_the_same_checks_and_leaves_no_buffer_file(tmp_path, certs):
+    """A real process, no --check: the key of another thing is refused before the buffer exists."""
+    config = mqtt_config(tmp_path, certs, key=certs.client("test-subscriber").key)
+    proc = subprocess.run([str(GATEWAY), "run", "--config", "gw.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", (
+        "error: invalid config gw.yaml:\n"
+        f"publisher.key: {certs.client('test-subscriber').key} does not match the certificate in publisher.cert "
+        f"({certs.client('meter-gw-1').cert})\n"))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["gw.yaml"]  # no var/, no buffer.db
+
+
 def test_run_stores_and_delivers_every_valid_reading(sample_run):
     config, result = sample_run
     assert result.exit_code == 0, result.output

@@ -7,13 +7,22 @@ in production. Messages name the key path, the bad value (as written) and what i
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from gateway import preflight
 from gateway.config import Config, load, validate
 from gateway.errors import ConfigError, ConfigErrors
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "models" / "ashrae-lgbm"
+WEATHER = REPO / "data" / "sample" / "weather_2016.json.gz"
 
 MINIMAL = """\
 thing: gw-test-01
@@ -413,3 +422,191 @@ def test_empty_config_file(folder, text):
     with pytest.raises(ConfigError, match=exactly(f"{path}: the config is empty (it needs at least thing, "
                                                   "sources and publisher)")):
         load(path)
+
+
+def test_sites_was_accepted_and_read_by_nothing(folder):
+    with pytest.raises(ConfigErrors, match=exactly(f"sites: unknown key (allowed: {TOP_KEYS})")):
+        validate({"thing": "gw-1", "sources": [{"type": "replay", "path": "readings.csv"}],
+                  "publisher": {"type": "memory"}, "sites": 42}, base=folder)
+
+
+# ---------------------------------------------------------------- a simulator's start
+
+
+@pytest.mark.parametrize("start", [
+    "2016-01-01T00:00:00Z",  # an unquoted YAML timestamp: PyYAML gives an aware datetime
+    "2016-01-01",  # a YAML date
+    "2016-01-01 00:00:00",  # a naive YAML timestamp: UTC, as YAML says
+    "'2016-01-01T00:00:00Z'",  # text
+    "'2016-01-01T01:00:00+01:00'",
+    "'2016-01-01T00:00'",  # text without an offset: UTC
+])
+def test_start_is_normalised_to_epoch_ms(folder, start):
+    config = load(write(folder, sim(f"start: {start}")))
+    assert config.sources[1]["start_ms"] == 1_451_606_400_000
+    assert "start" not in config.sources[1]
+
+
+def test_build_source_starts_the_simulator_at_start_ms(folder):
+    from gateway.runner import build_source
+
+    config = load(write(folder, sim("start: 2016-01-01T00:00:00Z, meters: 3, count: 2, speed: null")))
+    source = build_source(config.sources[1])
+    assert source.start_ms == 1_451_606_400_000 and source.end_ms == 1_451_606_400_000 + 2 * 60_000
+
+
+# ---------------------------------------------------------------- the config file itself: size, kind, depth
+
+
+def test_a_fifo_as_config_is_refused_without_opening_it(folder):
+    path = folder / "gw.yaml"
+    os.mkfifo(path)  # opening it for reading would block until a writer came
+    with pytest.raises(ConfigError, match=exactly(f"{path}: cannot read the config: not a regular file (a FIFO)")):
+        load(path)
+
+
+def test_a_config_over_1_mib_is_refused_before_it_is_read(folder):
+    path = write(folder, MINIMAL + "#" * (2**20 - len(MINIMAL)) + "\n")
+    with pytest.raises(ConfigError, match=exactly(f"{path}: cannot read the config: 1,048,577 bytes is more "
+                                                  "than the 1,048,576 a config may have")):
+        load(path)
+    path.write_text(MINIMAL + "#" * (2**20 - len(MINIMAL) - 1) + "\n")  # exactly 1 MiB is fine
+    assert load(path).thing == "gw-test-01"
+
+
+@pytest.mark.parametrize(("text", "column"), [
+    ("thing: " + "[" * 100_000, 39),  # PyYAML recursed until a RecursionError traceback
+    ("thing: " + "{a: " * 100_000, 132),
+])
+def test_deep_nesting_is_a_clear_error(folder, text, column):
+    path = write(folder, text)
+    with pytest.raises(ConfigError, match=exactly(f"{path}:1:{column}: not valid YAML: nested more than 32 deep")):
+        load(path)
+
+
+def test_nesting_up_to_the_limit_is_read(folder):
+    path = write(folder, MINIMAL + "buffer: {path: " + "[" * 30 + "]" * 30 + "}\n")
+    with pytest.raises(ConfigErrors, match=exactly(
+            f"buffer.path: {'[' * 30}{']' * 30} must be a string")):
+        load(path)  # parsed; refused by the validator, not by the reader
+
+
+def test_validate_refuses_a_deep_greengrass_update_without_a_traceback(folder):
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    raw = {"thing": deep, "sources": [{"type": "replay", "path": "readings.csv"}], "publisher": {"type": "memory"}}
+    with pytest.raises(ConfigErrors, match=exactly("thing: a value nested too deeply to show must be a string")):
+        validate(raw, base=folder)
+
+
+# ---------------------------------------------------------------- preflight: what a start reads
+
+
+@pytest.fixture
+def tls(folder, certs) -> dict[str, str]:
+    """Publisher files in ``folder``: good ones, a key of another thing, garbage, an encrypted key."""
+    client, other = certs.client("meter-gw-1"), certs.client("test-subscriber")  # conftest's two
+    files = {"gw.crt": client.cert, "gw.key": client.key, "ca.crt": certs.ca, "other.key": other.key}
+    for name, source in files.items():
+        shutil.copy(source, folder / name)
+    (folder / "garbage.pem").write_text("-----BEGIN GARBAGE-----\nbm90IGEga2V5\n-----END GARBAGE-----\n")
+    subprocess.run(["openssl", "pkey", "-in", str(client.key), "-aes256", "-passout", "pass:secret",
+                    "-out", str(folder / "encrypted.key")], check=True, capture_output=True)
+    return {"cert": "gw.crt", "key": "gw.key", "ca": "ca.crt"}
+
+
+def with_tls(files: dict[str, str], **changes: str) -> str:
+    given = ", ".join(f"{k}: {v}" for k, v in {**files, **changes}.items())
+    return MINIMAL.replace("{type: memory}", f"{{type: mqtt, endpoint: localhost, {given}}}")
+
+
+def preflight_errors(folder: Path, text: str) -> list[str]:
+    config = load(write(folder, text))  # validate() passes: the files exist and are files
+    before = set(folder.rglob("*"))
+    with pytest.raises(ConfigErrors) as info:
+        preflight.check(config)
+    assert set(folder.rglob("*")) == before  # nothing created: no buffer, no var/
+    return [str(e) for e in info.value.errors]
+
+
+def test_preflight_passes_a_config_that_starts_and_creates_nothing(folder, tls):
+    shutil.copytree(MODEL, folder / "model")
+    config = load(write(folder, with_tls(tls) + f"model: {{path: model}}\nweather: {{path: {WEATHER}}}\n"))
+    before = set(folder.rglob("*"))
+    assert preflight.check(config) is None
+    assert set(folder.rglob("*")) == before
+
+
+PREFLIGHT_CASES = [
+    ("garbage-key", {"key": "garbage.pem"}, ["publisher.key: garbage.pem is not a PEM private key"]),
+    ("key-of-another-certificate", {"key": "other.key"},
+     ["publisher.key: other.key does not match the certificate in publisher.cert (gw.crt)"]),
+    ("encrypted-key", {"key": "encrypted.key"},
+     ["publisher.key: encrypted.key is encrypted; the gateway needs an unencrypted private key"]),
+    ("garbage-ca", {"ca": "garbage.pem"},  # was reported as a problem of the certificate and key
+     ["publisher.ca: garbage.pem holds no PEM certificate to trust"]),
+    ("garbage-cert", {"cert": "garbage.pem"}, ["publisher.cert: garbage.pem holds no PEM certificate"]),
+    ("everything-swapped", {"cert": "gw.key", "key": "gw.crt", "ca": "gw.key"},
+     ["publisher.cert: gw.key holds no PEM certificate", "publisher.key: gw.crt is not a PEM private key",
+      "publisher.ca: gw.key holds no PEM certificate to trust"]),
+]
+
+
+@pytest.mark.parametrize(("changes", "expected"), [c[1:] for c in PREFLIGHT_CASES], ids=[c[0] for c in PREFLIGHT_CASES])
+def test_preflight_loads_the_certificates_for_real(folder, tls, changes, expected):
+    assert preflight_errors(folder, with_tls(tls, **changes)) == expected
+
+
+def test_preflight_runs_the_model_checks_and_loads_buildings_and_weather(folder):
+    shutil.copytree(MODEL, folder / "model")
+    (folder / "model" / "golden.json").write_text("not json")
+    (folder / "buildings.csv").write_text("building_id,site_id\n1,2\n")
+    (folder / "weather.json").write_text('{"site_id": 1}')
+    (folder / "broken.json.gz").write_bytes(b"not gzip")
+    text = MINIMAL + "model: {path: model, buildings: buildings.csv}\nweather: {path: weather.json}\n"
+    model = folder.resolve() / "model"
+    assert preflight_errors(folder, text) == [
+        f"model.path: {model}/golden.json: cannot read golden vectors: Expecting value: line 1 column 1 (char 0)",
+        f"model.buildings: {folder.resolve()}/buildings.csv: missing columns floor_count, primary_use, "
+        "square_feet, year_built",
+        "weather.path: weather.json cannot be loaded: not a JSON array of weather messages",
+    ]
+    assert preflight_errors(folder, MINIMAL + "weather: {path: broken.json.gz}\n") == [
+        "weather.path: broken.json.gz cannot be loaded: Not a gzipped file (b'no')"]
+
+
+def test_preflight_skips_a_model_that_is_not_enabled(folder):
+    (folder / "model").mkdir()  # no model.onnx: a start with enabled: false never loads it
+    assert preflight.check(load(write(folder, MINIMAL + "model: {path: model, enabled: false}\n"))) is None
+
+
+def test_preflight_reads_a_replay_header_as_the_reader_does(folder):
+    (folder / "old.csv").write_text("building_id,meter,timestamp,meter_reading\n1,0,2016-01-01 00:00:00,1.5\n")
+    text = MINIMAL.replace("publisher:", "  - {type: replay, name: old, path: old.csv}\npublisher:")
+    assert preflight_errors(folder, text) == ["sources[1].path: old.csv: no column site_id in the header"]
+
+
+def test_preflight_refuses_a_buffer_file_that_is_not_a_gateway_buffer(folder):
+    (folder / "notes.db").write_text("not a database")
+    assert preflight_errors(folder, MINIMAL + "buffer: {path: notes.db}\n") == [
+        "buffer.path: notes.db is not a SQLite buffer (file is not a database)"]
+    db = sqlite3.connect(folder / "other.db")
+    db.execute("CREATE TABLE t(x)")
+    db.close()
+    assert preflight_errors(folder, MINIMAL + "buffer: {path: other.db}\n") == [
+        "buffer.path: other.db is a SQLite file but not a gateway buffer (it has tables t)"]
+
+
+def test_preflight_refuses_a_buffer_of_a_newer_gateway(folder):
+    from gateway.buffer import MIGRATIONS
+
+    db = sqlite3.connect(folder / "newer.db")
+    db.execute("CREATE TABLE migrations(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)")
+    db.execute("INSERT INTO migrations VALUES(999, 'from the future', 0)")
+    db.commit()
+    db.close()
+    known = max(v for v, _, _ in MIGRATIONS)
+    assert preflight_errors(folder, MINIMAL + "buffer: {path: newer.db}\n") == [
+        f"buffer.path: newer.db has schema version 999, newer than this gateway knows ({known}); upgrade the "
+        "gateway or point it at another buffer file"]
