@@ -610,3 +610,55 @@ def test_preflight_refuses_a_buffer_of_a_newer_gateway(folder):
     assert preflight_errors(folder, MINIMAL + "buffer: {path: newer.db}\n") == [
         f"buffer.path: newer.db has schema version 999, newer than this gateway knows ({known}); upgrade the "
         "gateway or point it at another buffer file"]
+
+
+# ---------------------------------------------------------------- a folder the gateway cannot write
+
+
+def test_a_buffer_folder_that_is_not_writable(folder, monkeypatch):
+    """Tests run as root, for whom access() always says yes; so the answer is faked, for the folder only."""
+    real_access = os.access
+    locked = folder.resolve() / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    assert errors(folder, MINIMAL + "buffer: {path: locked/new/buffer.db}\n") == [
+        f"buffer.path: locked/new/buffer.db cannot be created: {locked} is not writable"]
+
+
+def test_a_buffer_on_a_read_only_file_system(folder, monkeypatch):
+    real_statvfs = os.statvfs
+
+    class ReadOnly:
+        def __init__(self, result):
+            self.f_flag = result.f_flag | os.ST_RDONLY
+
+    monkeypatch.setattr(os, "statvfs", lambda p: ReadOnly(real_statvfs(p)))
+    assert errors(folder, MINIMAL) == [
+        f"buffer.path: var/buffer.db cannot be created: {folder.resolve()} is on a read-only file system"]
+
+
+# ---------------------------------------------------------------- no constructor raises on a validated config
+
+
+def test_the_extremes_a_config_allows_build(folder):
+    from gateway.buffer import Buffer
+    from gateway.runner import build_source
+
+    config = load(write(folder, """\
+thing: gw-test-01
+buffer: {path: var/buffer.db, budget_mb: 1, live_window_s: 31536000}
+sources:
+  - {type: simulator, name: a, seed: 4294967295, interval_s: 86400, start: 9999-12-30, count: 1000000000000,
+     speed: 1.0e+300, meters: 5}
+  - {type: simulator, name: b, seed: 0, interval_s: 1, start: 2000-01-01, anomaly_rate: 1, speed: null, meters: 5}
+  - {type: replay, path: readings.csv, speed: 1.0e-300, batch_size: 100000}
+publisher: {type: memory}
+"""))
+    assert [type(build_source(s)).__name__ for s in config.sources] == ["SimulatorSource"] * 2 + ["ReplaySource"]
+    b = config.buffer
+    buffer = Buffer(b["path"], budget_bytes=b["budget_bytes"], policy=b["policy"],
+                    live_window_ms=b["live_window_ms"], synchronous=b["synchronous"])
+    try:
+        assert buffer.status()["budget_bytes"] == 2**20
+    finally:
+        buffer.close()
