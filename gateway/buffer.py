@@ -2,147 +2,96 @@
 
 Contract: :meth:`Buffer.put` / :meth:`Buffer.claim` a batch / :meth:`Buffer.ack`.
 
-- ``put`` validates, stores, quarantines the bad ones, and commits the source's position in
-  the same transaction. When it returns, the readings are on disk (``synchronous=FULL`` by
-  default): nothing sits only in RAM after a source has been told "stored".
-- ``claim`` hands out the next batch of unacknowledged readings. Claims live in memory only;
-  after a crash everything unacknowledged is simply claimed again (duplicates are limited to
-  what was in flight, and every reading carries its (meter, ts) key for the cloud to dedupe).
+- ``put`` validates, scores (when a scorer is set), stores, quarantines the bad ones, and
+  commits the source's position in the same transaction. When it returns, the readings are on
+  disk (``synchronous=FULL`` by default): nothing sits only in RAM after a source has been told
+  "stored". When it raises, nothing of it was stored, and the buffer's memory is as before it.
+- ``claim`` hands out the next batch of unacknowledged readings, each with the scores it was
+  given at ingest. Claims live in memory only; after a crash everything unacknowledged is
+  claimed again, with the same scores (duplicates are limited to what was in flight, and every
+  reading carries its (meter, ts) key for the cloud to dedupe).
 - ``ack`` marks a claim delivered. Nothing is removed before it is acknowledged.
 
+The concepts around it have their own files: :mod:`gateway.lanes` (cursors, live lane, order),
+:mod:`gateway.budget` (the byte budget and its policies), :mod:`gateway.quarantine`,
+:mod:`gateway.schema` (migrations) and :mod:`gateway.db` (``atomic()``, sqlite3 error mapping).
+
 Storage
-    ``readings(ts, meter, value, source) PRIMARY KEY(ts, meter) WITHOUT ROWID``: a time-first
-    key, so inserts append to the right edge of one B-tree (a meter-first key scatters them and
-    was measured at ~4.5 KB written per reading). The same key rejects a (meter, ts) that
-    arrives twice with a different value.
+    ``readings(ts, meter, value, source, expected, score, flag, model) PRIMARY KEY(ts, meter)
+    WITHOUT ROWID``: a time-first key, so inserts append to the right edge of one B-tree. The
+    same key rejects a (meter, ts) that arrives twice with a different value (quarantined).
+
+Scoring at ingest
+    With a scorer, each batch is scored inside put, in the order it arrives (data time per
+    meter for every source the gateway has), and the result is stored beside the reading. A
+    reading's expected value, score and flag depend only on the readings of its meter stored
+    before it, never on the order or the number of times it is sent: a message sent again carries
+    the same bytes and batch id. A scoring failure stores the reading unscored (raw only).
 
 Sending by cursor
-    Acknowledging does not delete. Each lane keeps a cursor: every reading at or below it is
-    acknowledged. Space is reclaimed by periodic range deletes below the cursor
-    (:meth:`Buffer.reclaim`), one statement for thousands of readings.
+    Acknowledging does not delete: each lane keeps a cursor, and space is reclaimed by periodic
+    range deletes below the backlog cursor (:meth:`Buffer.reclaim`).
 
-Live first
-    A reading is live when it is less than ``live_window_ms`` older than the clock. When the
-    newest reading is live and the oldest unsent one is more than ``live_window_ms`` behind it
-    (an outage left a backlog), the buffer opens a *live lane* above a floor key: readings
-    inside the window are claimed there first, and the *backlog lane* drains what lies below
-    the floor in time order. When the backlog reaches the floor the lanes merge. A backfill of
-    old data has nothing live, so it goes in time order.
+Order (see :mod:`gateway.lanes`)
+    The live lane first (readings newer than ``live_window_ms`` by the wall clock, once an
+    outage has left older ones unsent), then late readings, then the backlog in time order.
 
-Late readings
-    A reading whose key falls below a lane's claim frontier (another source's older data, a
-    meter's late report) is stored and also listed in ``resend``; it is claimed ahead of the
-    backlog and exempt from reclaim until acknowledged.
-
-Budget
-    ``budget_bytes`` caps the database's used pages. When full, acknowledged rows are reclaimed
-    first; then the policy applies: ``drop_oldest`` evicts the oldest unsent readings,
-    ``reject_newest`` refuses the incoming ones. Both are counted in ``stats``.
+A key whose row was reclaimed
+    After a reading is acknowledged and reclaimed, the buffer no longer knows its key: the same
+    (meter, ts) arriving again is stored as a late reading and sent again, with its new value.
+    Within the reclaim horizon it is quarantined as a conflicting duplicate. The cloud keys
+    readings by (meter, ts), so it sees both and keeps the first.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sqlite3
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from itertools import repeat
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol
 
-from gateway.errors import BufferCorrupt, BufferError, SchemaError
+from gateway import quarantine as q
+from gateway.budget import POLICIES, Budget
+from gateway.db import atomic, map_error, mapped
+from gateway.errors import BufferCorrupt, BufferError, BufferFull, DiskFull
+from gateway.lanes import BOTTOM, Claim, Key, Lane, Lanes
 from gateway.lock import BufferLock
 from gateway.readings import MAX_FUTURE_MS, MIN_TS_MS, Reading, Rejected, check
+from gateway.schema import MIGRATIONS, migrate
 
-Key = tuple[int, int]  # (ts, meter id)
+__all__ = ["Buffer", "Claim", "MIGRATIONS", "POLICIES", "PutResult", "MeterInfo", "STAT_KEYS"]
+
+log = logging.getLogger(__name__)
+
 _KEY, _TS, _VALUE, _SOURCE = itemgetter(0, 1, 2), itemgetter(3), itemgetter(4), itemgetter(5)
 _INT, _NUMBER = {int}, {int, float}
-BOTTOM: Key = (0, 0)
+_BIG = float(1 << 1000)
 
-POLICIES = ("drop_oldest", "reject_newest")
-
-# Recorded, ordered migrations. Append only; never edit one that has shipped.
-MIGRATIONS: list[tuple[int, str, str]] = [
-    (
-        1,
-        "initial schema",
-        """
-        CREATE TABLE meters(
-            id INTEGER PRIMARY KEY,
-            site TEXT NOT NULL, building TEXT NOT NULL, meter TEXT NOT NULL,
-            UNIQUE(site, building, meter)
-        );
-        CREATE TABLE sources(
-            id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, position TEXT
-        );
-        CREATE TABLE readings(
-            ts INTEGER NOT NULL, meter INTEGER NOT NULL, value REAL NOT NULL, source INTEGER NOT NULL,
-            PRIMARY KEY(ts, meter)
-        ) WITHOUT ROWID;
-        CREATE TABLE resend(
-            ts INTEGER NOT NULL, meter INTEGER NOT NULL, PRIMARY KEY(ts, meter)
-        ) WITHOUT ROWID;
-        CREATE TABLE quarantine(
-            id INTEGER PRIMARY KEY,
-            at INTEGER NOT NULL,
-            kind TEXT NOT NULL,          -- 'reading' or 'message'
-            reason TEXT NOT NULL,
-            raw TEXT NOT NULL,
-            source TEXT NOT NULL,
-            location TEXT NOT NULL       -- file:line, source@ts, or the topic
-        );
-        CREATE TABLE state(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
-        """,
-    ),
-    (
-        2,
-        "scoring: what each meter has learned up to, and the scorer's status",
-        """
-        CREATE TABLE IF NOT EXISTS meter_learned(
-            meter_key TEXT PRIMARY KEY, last_ts INTEGER NOT NULL
-        ) WITHOUT ROWID;
-        CREATE TABLE IF NOT EXISTS scoring_status(key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
-        """,
-    ),
-]
-
-# Counters, saved with each ack and at least once a second with puts (a crash may lose the last
-# second of counts; the readings themselves are never at stake).
+# Counters. Those a promise depends on (quarantined, evicted_oldest, rejected_newest) are saved
+# in the same transaction as the rows they count; the others with each ack and once a second.
 STAT_KEYS = (
     "received",          # readings offered to put()
     "stored",            # new readings written
     "duplicates",        # same (meter, ts) and same value: already stored, ignored
     "quarantined",       # readings quarantined (invalid, conflicting duplicate)
     "evicted_oldest",    # unsent readings dropped by the drop_oldest policy
-    "rejected_newest",   # incoming readings refused by the reject_newest policy
+    "rejected_newest",   # incoming readings dropped by the reject_newest policy (a source that cannot wait)
     "delivered",         # readings acknowledged by the cloud
     "undeliverable",     # messages quarantined by the forwarder
+    "unscored",          # readings stored without scores (no metadata, scoring failed)
+    "requeued",          # readings re-queued from the quarantine
 )
+_PROMISES = ("quarantined", "evicted_oldest", "rejected_newest")
 
-
-class Claim:
-    """A batch handed out by :meth:`Buffer.claim`: ``rows`` are (ts, meter id, value)."""
-
-    __slots__ = ("id", "lane", "rows", "lo", "hi", "done", "resend")
-
-    def __init__(self, id: int, lane: str, rows: list[tuple[int, int, float]], resend: bool = False):
-        self.id = id
-        self.lane = lane
-        self.rows = rows
-        self.lo: Key = (rows[0][0], rows[0][1]) if rows else BOTTOM
-        self.hi: Key = (rows[-1][0], rows[-1][1]) if rows else BOTTOM
-        self.done = False
-        self.resend = resend
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __repr__(self) -> str:
-        return f"Claim(id={self.id}, lane={self.lane!r}, n={len(self.rows)}, lo={self.lo}, hi={self.hi})"
+SELECT_ROWS = "SELECT ts, meter, value, expected, score, flag, model FROM readings"
 
 
 class PutResult(NamedTuple):
@@ -163,12 +112,23 @@ class MeterInfo(NamedTuple):
         return f"{self.building}:{self.meter}"
 
 
-@dataclass
-class _Lane:
-    name: str
-    cursor: Key                 # everything <= cursor in this lane is acknowledged
-    frontier: Key               # everything <= frontier in this lane is claimed or acknowledged
-    inflight: deque = field(default_factory=deque)
+class IngestScorer(Protocol):
+    """What the buffer needs of a scorer (:class:`gateway.model.scoring.ReadingScorer`)."""
+
+    def score(self, rows: list[tuple], meters: dict) -> tuple[str, list[tuple | None], Callable[[], None]]:
+        """For rows starting (ts, meter id, value): the model version, (expected, score, flag)
+        or None per row, and an undo that forgets what the call learned (its put rolled back)."""
+        ...
+
+    def save_due(self) -> bool: ...
+
+    def save(self, db: sqlite3.Connection) -> None:
+        """Write what changed of the learned state, inside the caller's transaction."""
+        ...
+
+    def saved(self) -> None:
+        """The transaction of the last :meth:`save` committed."""
+        ...
 
 
 def _after(key: Key, t: str = "") -> tuple[str, tuple]:
@@ -179,6 +139,14 @@ def _after(key: Key, t: str = "") -> tuple[str, tuple]:
 def _upto(key: Key, t: str = "") -> tuple[str, tuple]:
     """SQL for ``(ts, meter) <= key`` that uses the primary key (``t``: a table alias and dot)."""
     return f"{t}ts <= ? AND ({t}ts < ? OR {t}meter <= ?)", (key[0], key[0], key[1])
+
+
+def _between(lo: Key, hi: Key | None) -> tuple[str, tuple]:
+    sql, args = _after(lo)
+    if hi is not None:
+        usql, uargs = _upto(hi)
+        sql, args = f"{sql} AND {usql}", args + uargs
+    return sql, args
 
 
 class Buffer:
@@ -195,21 +163,23 @@ class Buffer:
         reclaim_every: int = 50_000,
         clock: Callable[[], float] = time.time,
         readonly: bool = False,
+        scorer: IngestScorer | None = None,
     ):
         if policy not in POLICIES:
             raise BufferError(f"policy: {policy!r} is not one of {', '.join(POLICIES)}")
         if synchronous not in ("full", "normal"):
             raise BufferError(f"synchronous: {synchronous!r} is not one of full, normal")
         self.path = Path(path)
-        self.budget_bytes = budget_bytes
-        self.policy = policy
+        self.budget = Budget(self.path, budget_bytes, policy)
         self.live_window_ms = live_window_ms
         self.synchronous = synchronous.upper()
         self.reclaim_every = reclaim_every
         self.clock = clock
+        self.scorer = scorer
         self._lock = threading.RLock()
         self._listeners: list[Callable[[], None]] = []
         self.readonly = readonly
+        self.scoring_error: str | None = None
         self._held: BufferLock | None = None  # the lock file, for a writable buffer only
         try:
             if readonly:  # for `gateway status` beside a running gateway: changes nothing
@@ -223,47 +193,56 @@ class Buffer:
                 self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute(f"PRAGMA synchronous={self.synchronous}")
+                self.budget.configure(self.db)
             self.db.execute("PRAGMA busy_timeout=5000")
             if not readonly:
-                self._migrate()
+                migrate(self.db, self.path, int(self.clock() * 1000))
             self._load()
         except sqlite3.Error as exc:
+            if hasattr(self, "db"):
+                self.db.close()
             self._unlock()
-            raise BufferError(f"{self.path}: cannot open the buffer: {exc}") from exc
+            err = map_error(exc, self.path)
+            if type(err) is BufferError:
+                err = BufferError(f"{self.path}: cannot open the buffer: {exc}")
+            raise err from exc
         except BaseException:
+            if hasattr(self, "db"):
+                self.db.close()
             self._unlock()
             raise
 
-    # ------------------------------------------------------------------ set-up
+    def _unlock(self) -> None:
+        if self._held is not None:
+            self._held.release()
+            self._held = None
 
-    def _migrate(self) -> None:
-        db = self.db
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS migrations(version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
-            " applied_at INTEGER NOT NULL)"
-        )
-        done = {v for (v,) in db.execute("SELECT version FROM migrations")}
-        known = {v for v, _, _ in MIGRATIONS}
-        if done - known:
-            raise SchemaError(
-                f"{self.path}: schema version {max(done)} is newer than this gateway knows "
-                f"({max(known)}); upgrade the gateway or point it at another buffer file"
-            )
-        for version, name, sql in MIGRATIONS:
-            if version in done:
-                continue
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for stmt in sql.split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
-                db.execute(
-                    "INSERT INTO migrations VALUES(?, ?, ?)", (version, name, int(self.clock() * 1000))
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+    @property
+    def budget_bytes(self) -> int:
+        return self.budget.budget_bytes
+
+    @property
+    def policy(self) -> str:
+        return self.budget.policy
+
+    # The lanes, for status and tests.
+    @property
+    def backlog(self) -> Lane:
+        return self.lanes.backlog
+
+    @property
+    def live(self) -> Lane | None:
+        return self.lanes.live
+
+    @property
+    def live_floor(self) -> Key | None:
+        return self.lanes.floor
+
+    @property
+    def live_floors(self) -> list[Key]:
+        return self.lanes.opened
+
+    # ------------------------------------------------------------------ set-up
 
     @property
     def schema_version(self) -> int:
@@ -275,10 +254,10 @@ class Buffer:
             return default
         try:
             return json.loads(row[0])
-        except (TypeError, ValueError) as exc:  # a damaged value: say so, not a JSONDecodeError traceback
+        except (TypeError, ValueError) as exc:
             raise BufferCorrupt(
-                f"{self.path}: the buffer file is damaged (state {key!r} is not JSON: {exc}); stop the gateway "
-                f"and run `gateway buffer recover {self.path} NEW_FILE` to salvage its readings"
+                f"{self.path}: the buffer's state {key!r} is damaged ({exc}); stop the gateway and run "
+                f"`gateway buffer recover {self.path} NEW_FILE` to salvage its readings"
             ) from exc
 
     def _set_state(self, key: str, value: Any) -> None:
@@ -292,44 +271,74 @@ class Buffer:
             self.meters[mid] = MeterInfo(site, building, meter)
             self._meter_ids[(site, building, meter)] = mid
         self._source_ids = {name: sid for sid, name in db.execute("SELECT id, name FROM sources")}
-        self.stats: dict[str, int] = {k: 0 for k in STAT_KEYS}
+        try:
+            self.models: dict[int, str] = dict(db.execute("SELECT id, version FROM models"))
+        except sqlite3.OperationalError:  # a read-only look at a file not yet migrated
+            self.models = {}
+        self._model_ids = {v: k for k, v in self.models.items()}
+        self.stats: dict[str, Any] = {k: 0 for k in STAT_KEYS}
         self.stats.update(self._state("stats", {}))
-        cursor = tuple(self._state("cursor", BOTTOM))
-        self.backlog = _Lane("backlog", cursor, cursor)
-        live = self._state("live")  # [floor, cursor] or None
-        self.live_floor: Key | None = tuple(live[0]) if live else None
-        self.live = _Lane("live", tuple(live[1]), tuple(live[1])) if live else None
-        self._next_claim_id = 1
+        cursor, live = self._state("cursor", list(BOTTOM)), self._state("live")
+        self.lanes = Lanes(tuple(cursor), (tuple(live[0]), tuple(live[1])) if live else None)
         self._since_reclaim = 0
         self._stats_saved_at = 0
-        self._last_used, self._unmeasured = 0, 1 << 40  # measure on the first put
-        self.live_floors: list[Key] = []  # every live lane opened by this process, in order
         self._rate = _Rate()
         self._delivery_rate = _Rate()
-        if self.readonly:
-            self._resend_count = db.execute("SELECT count(*) FROM resend").fetchone()[0]
-            self._resend_frontier, self._resend_inflight, self._newest_ts = BOTTOM, set(), 0
-            return
-        # Resend entries that a lane will walk again anyway are dropped (they would go twice).
-        self.db.execute("BEGIN IMMEDIATE")
-        sql, args = _upto(self.backlog.cursor)
-        keep = f"({sql})"
-        if self.live_floor is not None:
-            lsql, largs = _after(self.live_floor)
-            usql, uargs = _upto(self.live.cursor)
-            keep += f" OR (({lsql}) AND ({usql}))"
-            args = args + largs + uargs
-        db.execute(f"DELETE FROM resend WHERE NOT ({keep})", args)
-        self.db.execute("COMMIT")
+        if not self.readonly:
+            # Resend entries that a lane will walk again anyway are dropped (they would go twice),
+            # and so are those whose reading is gone.
+            with atomic(db):
+                sql, args = _upto(self.lanes.backlog.cursor)
+                keep = f"({sql})"
+                if self.lanes.live is not None:
+                    lsql, largs = _after(self.lanes.floor)
+                    usql, uargs = _upto(self.lanes.live.cursor)
+                    keep += f" OR (({lsql}) AND ({usql}))"
+                    args = args + largs + uargs
+                db.execute(f"DELETE FROM resend WHERE NOT ({keep})", args)
+                db.execute("DELETE FROM resend WHERE NOT EXISTS (SELECT 1 FROM readings r"
+                           " WHERE r.ts = resend.ts AND r.meter = resend.meter)")
         self._resend_count = db.execute("SELECT count(*) FROM resend").fetchone()[0]
-        self._resend_frontier: Key = BOTTOM
-        self._resend_inflight: set[Key] = set()
-        newest = db.execute("SELECT ts, meter FROM readings ORDER BY ts DESC, meter DESC LIMIT 1").fetchone()
-        self._newest_ts: int = newest[0] if newest else 0
 
     def add_listener(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` (without arguments, from the putting thread) after every put that stored."""
         self._listeners.append(fn)
+
+    # ------------------------------------------------------------------ transactions
+
+    def _memory(self) -> tuple:
+        """Everything in memory that a transaction may change."""
+        return (self.lanes.copy(), dict(self.stats), len(self.meters), len(self._source_ids),
+                len(self.models), self._resend_count, self._since_reclaim, self.budget.state())
+
+    def _restore(self, saved: tuple) -> None:
+        lanes, stats, n_meters, n_sources, n_models, resend, since, budget = saved
+        self.lanes.restore(lanes)
+        self.stats = stats
+        while len(self.meters) > n_meters:  # ids handed out inside the transaction
+            mid, info = self.meters.popitem()
+            self._meter_ids.pop(tuple(info), None)
+        while len(self._source_ids) > n_sources:
+            self._source_ids.pop(next(reversed(self._source_ids)))
+        while len(self.models) > n_models:
+            self._model_ids.pop(self.models.popitem()[1], None)
+        self._resend_count, self._since_reclaim = resend, since
+        self.budget.restore(budget)
+
+    @contextmanager
+    def _atomic(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction whose in-memory effects are undone when it rolls back; sqlite3
+        errors leave it as the gateway's errors (:mod:`gateway.db`)."""
+        saved = self._memory()
+        try:
+            with mapped(self.path), atomic(self.db) as db:
+                yield db
+        except BaseException as exc:
+            self._restore(saved)
+            if isinstance(exc, DiskFull):
+                with mapped(self.path):
+                    self.budget.disk_full(self.db)
+            raise
 
     # ------------------------------------------------------------------ put
 
@@ -340,113 +349,86 @@ class Buffer:
         *,
         source: str | None = None,
         position: Any = None,
+        can_wait: bool = True,
     ) -> PutResult:
         """Store ``readings``, quarantine ``rejected`` and the invalid readings, and commit
-        ``source``'s ``position``: all in one transaction."""
+        ``source``'s ``position``: all in one transaction.
+
+        When the budget is used and the policy is ``reject_newest``, a source that ``can_wait``
+        gets :class:`BufferFull` (nothing stored, its position stays: it offers the batch again
+        later); one that cannot has the batch refused and counted, and its position moves on."""
         readings = list(readings)
         now_ms = int(self.clock() * 1000)
         quarantine: list[tuple] = [
             (now_ms, "reading", r.reason, r.raw, r.source, r.where) for r in rejected
         ]
-        rows: list[tuple[int, int, float, int]] = []
-        max_ts = now_ms + MAX_FUTURE_MS
+        undo: Callable[[], None] | None = None
+        saving = False
         with self._lock:
-            db = self.db
-            db.execute("BEGIN IMMEDIATE")
             try:
-                meter_ids = self._meter_ids
-                fast = self._fast_rows(readings, max_ts)
-                if fast is not None:
-                    rows, lo_ts, hi_ts = fast
-                    readings_left = ()
-                else:
-                    readings_left = readings
-                get_meter, append, inf, lo_ts = meter_ids.get, rows.append, math.inf, MIN_TS_MS
-                last_src, last_sid = None, 0  # a batch nearly always comes from one source
-                for r in readings_left:  # one reading at a time: new meters, invalid readings
-                    site, building, meter, ts, value, src = r
-                    mid = get_meter((site, building, meter))
-                    # The fast path: a known meter with a plausible, finite, non-negative value.
-                    if (
-                        mid is not None
-                        and type(ts) is int
-                        and lo_ts <= ts <= max_ts
-                        and (type(value) is float or type(value) is int)
-                        and 0 <= value < inf
-                    ):
-                        if src is not last_src:
-                            last_src, last_sid = src, self._source_id(src)
-                        append((ts, mid, value, last_sid))
-                        continue
-                    reason = check(r, now_ms)
-                    if reason is None:  # a valid reading of a meter seen for the first time
-                        mid = self._meter_id(site, building, meter)
-                        sid = self._source_id(src)
-                        rows.append((ts, mid, value, sid))
+                with self._atomic() as db:
+                    rows, lo_ts = self._rows(readings, now_ms, quarantine)
+                    evicted = refused = 0
+                    if rows and self.budget.near(db, len(rows)):
+                        evicted, refused, rows = self._make_room(rows, can_wait)
+                    if rows and self.scorer is not None:
+                        rows, undo = self._score(rows)
+                    before = db.total_changes
+                    if rows and len(rows[0]) > 4:
+                        db.executemany("INSERT INTO readings VALUES(?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                                       rows)
                     else:
-                        quarantine.append((now_ms, "reading", reason, repr(tuple(r)), str(src), f"{src}@{ts}"))
-
-                if fast is None and rows:
-                    lo_ts, hi_ts = min(r[0] for r in rows), max(r[0] for r in rows)
-                evicted = refused = 0
-                if rows and self.budget_bytes and self._near_budget(len(rows)):
-                    evicted, refused, rows = self._make_room(rows)
-
-                before = db.total_changes
-                db.executemany("INSERT INTO readings VALUES(?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)
-                stored = db.total_changes - before
-                duplicates = 0
-                if stored < len(rows):
-                    conflicts = self._conflicts(rows)
-                    duplicates = len(rows) - stored - len(conflicts)
-                    for ts, mid, value, stored_value, sid in conflicts:
-                        m = self.meters[mid]
-                        quarantine.append((
-                            now_ms, "reading",
-                            f"duplicate (meter, ts) with a different value: stored {stored_value!r}, got {value!r}",
-                            repr((m.site, m.building, m.meter, ts, value)), self._source_name(sid), f"{m.key}@{ts}",
-                        ))
-                if rows:
-                    self._note_late(rows, lo_ts)
-                    if hi_ts > self._newest_ts:
-                        self._newest_ts = hi_ts
-                if quarantine:
-                    db.executemany(
-                        "INSERT INTO quarantine(at, kind, reason, raw, source, location) VALUES(?,?,?,?,?,?)",
-                        quarantine,
-                    )
-                if source is not None:
-                    sid = self._source_id(source)
-                    db.execute("UPDATE sources SET position = ? WHERE id = ?", (json.dumps(position), sid))
-                st = self.stats
-                st["received"] += len(readings)
-                st["stored"] += stored
-                st["duplicates"] += duplicates
-                st["quarantined"] += len(quarantine)
-                st["evicted_oldest"] += evicted
-                st["rejected_newest"] += refused
-                self._rate.add(now_ms, stored)
-                st["ingest_per_h"] = self._rate.per_hour()
-                st["stored_at"] = now_ms
-                if now_ms - self._stats_saved_at >= 1000:  # counters are informational: once a second
-                    self._set_state("stats", st)
-                    self._stats_saved_at = now_ms
-                db.execute("COMMIT")
+                        db.executemany("INSERT INTO readings(ts, meter, value, source) VALUES(?, ?, ?, ?)"
+                                       " ON CONFLICT DO NOTHING", rows)
+                    stored = db.total_changes - before
+                    duplicates = 0
+                    if stored < len(rows):
+                        duplicates = len(rows) - stored - self._quarantine_conflicts(rows, now_ms, quarantine)
+                    if rows:
+                        self._note_late(rows, lo_ts)
+                    q.add(db, quarantine)
+                    if source is not None:
+                        db.execute("UPDATE sources SET position = ? WHERE id = ?",
+                                   (json.dumps(position), self._source_id(source)))
+                    self._count(len(readings), stored, duplicates, len(quarantine), evicted, refused, now_ms)
+                    saving = self.scorer is not None and self.scorer.save_due()
+                    if saving:
+                        self.scorer.save(db)
+                if saving:
+                    self.scorer.saved()  # committed: what changed is on disk
             except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
+                if undo is not None:
+                    undo()
                 raise
         if stored:
             for fn in self._listeners:
                 fn()
         return PutResult(stored, duplicates, len(quarantine), evicted, refused)
 
-    def _fast_rows(self, readings: list[Reading], max_ts: int) -> tuple[list[tuple], int, int] | None:
+    def _rows(self, readings: list[Reading], now_ms: int, quarantine: list) -> tuple[list[tuple], int]:
+        """(ts, meter id, value, source id) of the valid readings, and their lowest ts; the invalid
+        ones are added to ``quarantine``."""
+        fast = self._fast_rows(readings, now_ms + MAX_FUTURE_MS)
+        if fast is not None:
+            return fast
+        rows: list[tuple] = []
+        for r in readings:  # one reading at a time: new meters, invalid readings
+            reason = check(r, now_ms)
+            if reason is None:
+                site, building, meter, ts, value, src = r
+                mid = self._meter_ids.get((site, building, meter)) or self._meter_id(site, building, meter)
+                rows.append((ts, mid, value, self._source_id(src)))
+            else:
+                quarantine.append((now_ms, "reading", reason, repr(tuple(r))[:1024], str(r.source),
+                                   f"{r.source}@{r.ts!r}"[:256]))
+        return rows, min((r[0] for r in rows), default=0)
+
+    def _fast_rows(self, readings: list[Reading], max_ts: int) -> tuple[list[tuple], int] | None:
         """The rows of a batch in which every reading is valid, of a known meter, from one source,
         checked with C-level passes; None when any of that fails (put then goes reading by
         reading, and the same checks give each bad reading its reason)."""
         if not readings:
-            return [], 0, 0
+            return [], 0
         mids = list(map(self._meter_ids.get, map(_KEY, readings)))
         if None in mids:
             return None
@@ -457,20 +439,20 @@ class Buffer:
         if lo < MIN_TS_MS or hi > max_ts:
             return None
         values = list(map(_VALUE, readings))
-        if not set(map(type, values)) <= _NUMBER or min(values) < 0 or not math.isfinite(sum(values)):
+        if not set(map(type, values)) <= _NUMBER or min(values) < 0 or max(values) >= _BIG:
+            return None  # a huge integer cannot become a float
+        if not math.isfinite(sum(values)):
             return None  # a NaN or an infinity makes the sum non-finite
         sources = set(map(_SOURCE, readings))
         if len(sources) != 1:
             return None
-        src = sources.pop()
-        sid = self._source_id(src)
-        return list(zip(ts, mids, values, repeat(sid))), lo, hi
+        sid = self._source_id(sources.pop())
+        return list(zip(ts, mids, values, repeat(sid))), lo
 
     def _meter_id(self, site: str, building: str, meter: str) -> int:
-        cur = self.db.execute(
+        mid = self.db.execute(
             "INSERT INTO meters(site, building, meter) VALUES(?, ?, ?)", (site, building, meter)
-        )
-        mid = cur.lastrowid
+        ).lastrowid
         self.meters[mid] = MeterInfo(site, building, meter)
         self._meter_ids[(site, building, meter)] = mid
         return mid
@@ -489,33 +471,80 @@ class Buffer:
                 return name
         return str(sid)
 
-    def _conflicts(self, rows: list[tuple]) -> list[tuple]:
-        """After an insert that skipped rows, list those whose value differs from the stored one.
+    def _model_id(self, version: str) -> int:
+        mid = self._model_ids.get(version)
+        if mid is None:
+            mid = self.db.execute("INSERT INTO models(version) VALUES(?)", (version,)).lastrowid
+            self.models[mid] = version
+            self._model_ids[version] = mid
+        return mid
 
-        Rows this transaction inserted read back their own value, so only a real conflict (the
-        same (meter, ts) with another value, stored before or earlier in the batch) differs.
-        """
-        conflicts = []
+    def _score(self, rows: list[tuple]) -> tuple[list[tuple], Callable[[], None] | None]:
+        """Rows with their scores (expected, score, flag, model id), or NULLs where a reading
+        cannot be scored. A scoring failure never stops a put: the readings go unscored."""
+        try:
+            version, scores, undo = self.scorer.score(rows, self.meters)
+        except Exception as exc:  # scoring never stops ingest: the raw readings are stored
+            reason = f"{type(exc).__name__}: {exc}"
+            if reason != self.scoring_error:
+                log.error("scoring failed, storing readings unscored: %s", reason)
+            self.scoring_error = reason
+            self.stats["unscored"] += len(rows)
+            return rows, None
+        self.scoring_error = None
+        model = self._model_id(version)
+        out, none = [], (None, None, None, None)
+        for row, s in zip(rows, scores):
+            if s is None:
+                out.append(row + none)
+            else:
+                out.append(row + (s[0], s[1], s[2], model))
+        self.stats["unscored"] += sum(1 for s in scores if s is None)
+        return out, undo
+
+    def _quarantine_conflicts(self, rows: list[tuple], now_ms: int, quarantine: list) -> int:
+        """After an insert that skipped rows, quarantine those whose value differs from the stored
+        one; returns how many. Rows this transaction inserted read back their own value, so only a
+        real conflict (another value, stored before or earlier in the batch) differs."""
+        n = 0
         get = self.db.execute
-        for ts, mid, value, sid in rows:
+        for row in rows:
+            ts, mid, value, sid = row[:4]
             stored = get("SELECT value FROM readings WHERE ts = ? AND meter = ?", (ts, mid)).fetchone()[0]
             if stored != value:
-                conflicts.append((ts, mid, value, stored, sid))
-        return conflicts
+                m = self.meters[mid]
+                quarantine.append((
+                    now_ms, "reading",
+                    f"duplicate (meter, ts) with a different value: stored {stored!r}, got {value!r}",
+                    repr((m.site, m.building, m.meter, ts, value)), self._source_name(sid), f"{m.key}@{ts}",
+                ))
+                n += 1
+        return n
+
+    def _count(self, received: int, stored: int, duplicates: int, quarantined: int, evicted: int,
+               refused: int, now_ms: int) -> None:
+        st = self.stats
+        st["received"] += received
+        st["stored"] += stored
+        st["duplicates"] += duplicates
+        st["quarantined"] += quarantined
+        st["evicted_oldest"] += evicted
+        st["rejected_newest"] += refused
+        self._rate.add(now_ms, stored)
+        st["ingest_per_h"] = self._rate.per_hour()
+        st["stored_at"] = now_ms
+        # A count a promise depends on commits with its rows; the rest once a second.
+        if quarantined or evicted or refused or now_ms - self._stats_saved_at >= 1000:
+            self._set_state("stats", st)
+            self._stats_saved_at = now_ms
 
     # ------------------------------------------------------------------ late readings
 
-    def _frontier_for(self, key: Key) -> Key:
-        if self.live_floor is not None and key > self.live_floor:
-            return self.live.frontier
-        return self.backlog.frontier
-
     def _note_late(self, rows: list[tuple], lo_ts: int) -> None:
         """List in ``resend`` every new row that fell at or below its lane's claim frontier."""
-        top_frontier = self.live.frontier if self.live is not None else self.backlog.frontier
-        if lo_ts > top_frontier[0]:  # the usual case: everything new is above every frontier
+        if lo_ts > self.lanes.top_frontier[0]:  # the usual case: everything new is above every frontier
             return
-        late = [(ts, mid) for ts, mid, _, _ in rows if (ts, mid) <= self._frontier_for((ts, mid))]
+        late = [(r[0], r[1]) for r in rows if self.lanes.is_late((r[0], r[1]))]
         if late:
             before = self.db.total_changes
             self.db.executemany("INSERT OR IGNORE INTO resend VALUES(?, ?)", late)
@@ -523,42 +552,30 @@ class Buffer:
 
     # ------------------------------------------------------------------ budget
 
-    def _near_budget(self, incoming: int) -> bool:
-        """Whether the budget is used, reading the pages only when an estimate says it may be:
-        never more than 64 bytes a reading since the last reading of the pages."""
-        self._unmeasured += incoming
-        if self._last_used + 64 * self._unmeasured < self.budget_bytes:
-            return False
-        self._last_used, self._unmeasured = self._used_bytes(), 0
-        return self._last_used >= self.budget_bytes
-
-    def _used_bytes(self) -> int:
-        pages, free, size = self.db.execute(
-            "SELECT * FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()"
-        ).fetchone()
-        return (pages - free) * size
-
-    def _make_room(self, rows: list[tuple]) -> tuple[int, int, list[tuple]]:
+    def _make_room(self, rows: list[tuple], can_wait: bool) -> tuple[int, int, list[tuple]]:
         """Apply the budget policy, inside put's transaction, when the budget is used up.
 
         Returns (evicted, refused, rows to insert)."""
         self._reclaim()  # acknowledged rows go first
-        if self._used_bytes() < self.budget_bytes:
+        if not self.budget.over(self.db, len(rows)):
             return 0, 0, rows
         if self.policy == "reject_newest":
+            if can_wait:
+                raise BufferFull(
+                    f"{self.path}: the buffer's budget of {self.budget_bytes} bytes is used "
+                    f"(policy reject_newest): the source waits until the forwarder has made room"
+                )
             return 0, len(rows), []
         # drop_oldest: evict as many unsent, unclaimed readings as are coming in, oldest first:
         # the backlog below the live floor, then the live lane. Claims in flight finish.
-        evicted = self._evict(self.backlog, self.live_floor, len(rows))
-        if evicted < len(rows) and self.live is not None:
-            evicted += self._evict(self.live, None, len(rows) - evicted)
+        lanes = self.lanes
+        evicted = self._evict(lanes.backlog, lanes.ceiling(lanes.backlog), len(rows))
+        if evicted < len(rows) and lanes.live is not None:
+            evicted += self._evict(lanes.live, None, len(rows) - evicted)
         return evicted, 0, rows
 
-    def _evict(self, lane: _Lane, ceiling: Key | None, n: int) -> int:
-        sql, args = _after(lane.frontier)
-        if ceiling is not None:
-            usql, uargs = _upto(ceiling)
-            sql, args = f"{sql} AND {usql}", args + uargs
+    def _evict(self, lane: Lane, ceiling: Key | None, n: int) -> int:
+        sql, args = _between(lane.frontier, ceiling)
         last = self.db.execute(
             f"SELECT ts, meter FROM readings WHERE {sql} ORDER BY ts, meter LIMIT 1 OFFSET ?", args + (n - 1,)
         ).fetchone()
@@ -572,180 +589,154 @@ class Buffer:
         before = self.db.total_changes
         self.db.execute(f"DELETE FROM readings WHERE {sql} AND {usql}", args + uargs)
         gone = self.db.total_changes - before
-        # The evicted range counts as settled: the cursor moves over it like over an acked claim.
-        settled = Claim(self._next_claim_id, lane.name, [(last[0], last[1], 0.0)])
-        self._next_claim_id += 1
-        settled.done = True
-        lane.frontier = settled.hi
-        lane.inflight.append(settled)
-        self._advance(lane)
+        if self._resend_count:  # late readings in the range go with it: nothing is left to send
+            before = self.db.total_changes
+            self.db.execute(f"DELETE FROM resend WHERE {sql} AND {usql}", args + uargs)
+            self._resend_count -= self.db.total_changes - before
+        self._moved(lane, self.lanes.settle_range(lane, tuple(last)))
         return gone
+
+    def _moved(self, lane: Lane, passed: int) -> None:
+        """After ``lane``'s cursor passed ``passed`` readings (-1: it did not move)."""
+        if passed < 0:
+            return
+        self._since_reclaim += passed
+        self._persist_lanes()
+        if self._since_reclaim >= self.reclaim_every:
+            self._reclaim()
 
     # ------------------------------------------------------------------ claim / ack
 
     def claim(self, limit: int = 1000) -> Claim | None:
         """The next batch of unsent readings, or None when there is nothing to send.
 
-        Order: late readings (``resend``), then the live lane, then the backlog in time order.
-        """
-        with self._lock:
-            if self._resend_count > len(self._resend_inflight):
+        Order: the live lane, then late readings (``resend``), then the backlog in time order.
+        Rows are (ts, meter id, value, expected, score, flag, model id); the scores are None for
+        a reading stored unscored."""
+        with self._lock, mapped(self.path):
+            lanes = self.lanes
+            self._maybe_open_live()
+            if lanes.live is not None:
+                c = self._claim_lane(lanes.live, limit)
+                if c is not None:
+                    return c
+            if self._resend_count > len(lanes.resend_inflight):
                 c = self._claim_resend(limit)
                 if c is not None:
                     return c
-            self._maybe_open_live()
-            if self.live is not None:
-                c = self._claim_lane(self.live, None, limit)
-                if c is not None:
-                    return c
-            c = self._claim_lane(self.backlog, self.live_floor, limit)
-            if c is None and self.live is not None:
+            c = self._claim_lane(lanes.backlog, limit)
+            if c is None and lanes.live is not None:
                 self._maybe_merge()
             return c
 
-    def _claim_lane(self, lane: _Lane, ceiling: Key | None, limit: int) -> Claim | None:
-        sql, args = _after(lane.frontier)
-        if ceiling is not None:
-            usql, uargs = _upto(ceiling)
-            sql, args = f"{sql} AND {usql}", args + uargs
-        rows = self.db.execute(
-            f"SELECT ts, meter, value FROM readings WHERE {sql} ORDER BY ts, meter LIMIT ?", args + (limit,)
-        ).fetchall()
-        if not rows:
-            return None
-        c = Claim(self._next_claim_id, lane.name, rows)
-        self._next_claim_id += 1
-        lane.frontier = c.hi
-        lane.inflight.append(c)
-        return c
+    def _claim_lane(self, lane: Lane, limit: int) -> Claim | None:
+        sql, args = _between(lane.frontier, self.lanes.ceiling(lane))
+        rows = self.db.execute(f"{SELECT_ROWS} WHERE {sql} ORDER BY ts, meter LIMIT ?", args + (limit,)).fetchall()
+        return self.lanes.take(lane, rows) if rows else None
 
     def _claim_resend(self, limit: int) -> Claim | None:
-        sql, args = _after(self._resend_frontier, "s.")
+        lanes = self.lanes
+        sql, args = _after(lanes.resend_frontier, "s.")
         rows = self.db.execute(
-            "SELECT r.ts, r.meter, r.value FROM resend s JOIN readings r USING(ts, meter)"
+            "SELECT r.ts, r.meter, r.value, r.expected, r.score, r.flag, r.model"
+            " FROM resend s JOIN readings r USING(ts, meter)"
             f" WHERE {sql} ORDER BY s.ts, s.meter LIMIT ?",
             args + (limit,),
         ).fetchall()
-        rows = [r for r in rows if (r[0], r[1]) not in self._resend_inflight]
+        rows = [r for r in rows if (r[0], r[1]) not in lanes.resend_inflight]
         if not rows:
-            self._resend_frontier = BOTTOM
+            lanes.resend_frontier = BOTTOM
             return None
-        c = Claim(self._next_claim_id, "resend", rows, resend=True)
-        self._next_claim_id += 1
-        self._resend_frontier = c.hi
-        self._resend_inflight.update((r[0], r[1]) for r in rows)
-        return c
+        return lanes.take_resend(rows)
 
     def _maybe_open_live(self) -> None:
-        if self.live is not None or not self._newest_ts:
+        """Open a live lane when readings are live by the wall clock and older ones wait unsent."""
+        lanes = self.lanes
+        if lanes.live is not None:
             return
-        if self._newest_ts < self.clock() * 1000 - self.live_window_ms:
-            return  # nothing is live by the clock (a backfill of old data): keep time order
+        floor = lanes.live_floor(int(self.clock() * 1000), self.live_window_ms)
+        if floor <= lanes.backlog.frontier:
+            return
         nxt = self.db.execute(
-            f"SELECT ts FROM readings WHERE {_after(self.backlog.frontier)[0]} ORDER BY ts, meter LIMIT 1",
-            _after(self.backlog.frontier)[1],
+            f"SELECT ts FROM readings WHERE {_after(lanes.backlog.frontier)[0]} ORDER BY ts, meter LIMIT 1",
+            _after(lanes.backlog.frontier)[1],
         ).fetchone()
-        if nxt is None or self._newest_ts - nxt[0] <= self.live_window_ms:
-            return
-        # The live lane holds every reading newer than the window's start: ts > floor ts.
-        floor: Key = (self._newest_ts - self.live_window_ms, 1 << 62)
-        if floor <= self.backlog.frontier:
-            return
-        self.live_floor = floor
-        self.live_floors.append(floor)
-        self.live = _Lane("live", floor, floor)
-        self._persist_lanes()
+        if nxt is None or nxt[0] > floor[0]:
+            return  # nothing older than the window waits: time order is live order
+        if self.db.execute("SELECT 1 FROM readings WHERE ts > ? LIMIT 1", (floor[0],)).fetchone() is None:
+            return  # nothing is live by the clock (a backfill of old data): keep time order
+        with self._atomic():
+            lanes.open_live(floor)
+            self._persist_lanes()
 
     def _maybe_merge(self) -> None:
         """Close the live lane once the backlog below its floor is all acknowledged."""
-        if self.live is None or self.backlog.inflight:
+        lanes = self.lanes
+        if lanes.live is None or lanes.backlog.inflight:
             return
-        rest = self.db.execute(
-            f"SELECT 1 FROM readings WHERE {_after(self.backlog.frontier)[0]} AND {_upto(self.live_floor)[0]} LIMIT 1",
-            _after(self.backlog.frontier)[1] + _upto(self.live_floor)[1],
-        ).fetchone()
-        if rest is not None:
+        sql, args = _between(lanes.backlog.frontier, lanes.floor)
+        if self.db.execute(f"SELECT 1 FROM readings WHERE {sql} LIMIT 1", args).fetchone() is not None:
             return
-        # Everything up to the floor is acknowledged, and the live lane's cursor carries on from it.
-        self.backlog = _Lane("backlog", self.live.cursor, self.live.frontier, self.live.inflight)
-        self.live = None
-        self.live_floor = None
-        self._persist_lanes()
+        with self._atomic():
+            lanes.merge()
+            self._persist_lanes()
 
     def ack(self, *claims: Claim) -> None:
         """Mark ``claims`` delivered, in one transaction. Cursors advance over acknowledged
-        claims in order; a claim acknowledged ahead of an earlier one waits for it."""
+        claims in order; a claim acknowledged ahead of an earlier one waits for it. A claim
+        released since it was handed out (:meth:`release_all`) changes nothing: it is sent again."""
         with self._lock:
+            claims = tuple(c for c in claims if not c.done and self.lanes.owns(c))
+            if not claims:
+                return
             self.db.execute("PRAGMA synchronous=NORMAL")  # a lost ack only means a resend
-            self.db.execute("BEGIN IMMEDIATE")
             try:
-                lanes = set()
-                for claim in claims:
-                    claim.done = True
-                    self.stats["delivered"] += len(claim.rows)
-                    if claim.resend:
-                        keys = [(r[0], r[1]) for r in claim.rows]
-                        before = self.db.total_changes
-                        self.db.executemany("DELETE FROM resend WHERE ts = ? AND meter = ?", keys)
-                        self._resend_count -= self.db.total_changes - before
-                        self._resend_inflight.difference_update(keys)
-                        continue
-                    lane = self.live if claim.lane == "live" else self.backlog
-                    if lane is None or claim not in lane.inflight:
-                        lane = self.backlog  # the lanes merged while it was in flight
-                    lanes.add(lane.name)
-                now_ms = int(self.clock() * 1000)
-                self._delivery_rate.add(now_ms, sum(len(c.rows) for c in claims))
-                self.stats["delivered_per_h"] = self._delivery_rate.per_hour()
-                self.stats["delivered_at"] = now_ms
-                for name in lanes:
-                    lane = self.live if name == "live" and self.live is not None else self.backlog
-                    self._advance(lane)
-                if self.live is not None and not self.backlog.inflight:
-                    self._maybe_merge()
-                self._set_state("stats", self.stats)
-                self.db.execute("COMMIT")
+                with self._atomic() as db:
+                    lanes: dict[str, Lane] = {}
+                    for claim in claims:
+                        claim.done = True
+                        self.stats["delivered"] += len(claim.rows)
+                        if claim.resend:
+                            keys = [(r[0], r[1]) for r in claim.rows]
+                            before = db.total_changes
+                            db.executemany("DELETE FROM resend WHERE ts = ? AND meter = ?", keys)
+                            self._resend_count -= db.total_changes - before
+                            self.lanes.resend_inflight.difference_update(keys)
+                            continue
+                        lane = self.lanes.lane_for_ack(claim)
+                        lanes[lane.name] = lane
+                    now_ms = int(self.clock() * 1000)
+                    self._delivery_rate.add(now_ms, sum(len(c.rows) for c in claims))
+                    self.stats["delivered_per_h"] = self._delivery_rate.per_hour()
+                    self.stats["delivered_at"] = now_ms
+                    for lane in lanes.values():
+                        self._moved(lane, self.lanes.advance(lane))
+                    if self.lanes.live is not None and not self.lanes.backlog.inflight:
+                        self._maybe_merge()
+                    self._set_state("stats", self.stats)
             except BaseException:
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
+                for claim in claims:
+                    claim.done = False
                 raise
             finally:
                 self.db.execute(f"PRAGMA synchronous={self.synchronous}")
-
-    def _advance(self, lane: _Lane) -> None:
-        """Move ``lane``'s cursor over the acknowledged claims at its head (inside a transaction)."""
-        moved = False
-        while lane.inflight and lane.inflight[0].done:
-            c = lane.inflight.popleft()
-            self._since_reclaim += len(c.rows)
-            if c.hi > lane.cursor:
-                lane.cursor = c.hi
-            moved = True
-        if moved:
-            self._persist_lanes()
-            if self._since_reclaim >= self.reclaim_every:
-                self._reclaim()
 
     def release_all(self) -> None:
         """Forget every claim in flight: after a publish failure, unacknowledged claims are
         handed out again from the cursors (those acknowledged out of order may go twice)."""
         with self._lock:
-            for lane in (self.backlog, self.live):
-                if lane is not None:
-                    lane.inflight.clear()
-                    lane.frontier = lane.cursor
-            self._resend_frontier = BOTTOM
-            self._resend_inflight.clear()
+            self.lanes.release()
 
     def _persist_lanes(self) -> None:
-        self._set_state("cursor", list(self.backlog.cursor))
-        self._set_state("live", [list(self.live_floor), list(self.live.cursor)] if self.live else None)
+        cursor, live = self.lanes.persisted()
+        self._set_state("cursor", cursor)
+        self._set_state("live", live)
 
     # ------------------------------------------------------------------ reclaim
 
     def _reclaim(self) -> int:
         """Delete acknowledged rows below the backlog cursor (one range delete)."""
-        sql, args = _upto(self.backlog.cursor)
+        sql, args = _upto(self.lanes.backlog.cursor)
         if self._resend_count:
             sql += " AND NOT EXISTS (SELECT 1 FROM resend s WHERE s.ts = readings.ts AND s.meter = readings.meter)"
         before = self.db.total_changes
@@ -755,34 +746,79 @@ class Buffer:
 
     def reclaim(self) -> int:
         """Reclaim space now; returns the number of rows deleted."""
+        with self._lock, self._atomic():
+            return self._reclaim()
+
+    # ------------------------------------------------------------------ the quarantine
+
+    def quarantined(self, limit: int = 100, kind: str | None = None) -> list[dict]:
+        with self._lock, mapped(self.path):
+            return q.listing(self.db, limit, kind)
+
+    def quarantine_message(self, reason: str, payload: bytes, topic: str, readings: int) -> None:
+        """Record a message that can never be delivered (the forwarder's dead letters)."""
+        with self._lock, self._atomic() as db:
+            self.stats["undeliverable"] += 1
+            q.add(db, [(int(self.clock() * 1000), "message", reason, payload.decode("utf-8", "replace"),
+                        f"forwarder ({readings} readings)", topic)])
+            self._set_state("stats", self.stats)
+
+    def replay_quarantine(self, ids: Iterable[int] | None = None, kind: str | None = None) -> dict:
+        """Re-queue quarantined entries that now pass (all, or ``ids``, or one ``kind``): their
+        readings are stored again and the entries removed, in one transaction per entry. What
+        still fails stays. Returns counts: requeued entries and readings, kept entries."""
+        wanted = set(ids) if ids is not None else None
+        out = {"entries": 0, "readings": 0, "kept": 0, "reasons": {}}
         with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            n = self._reclaim()
-            self.db.execute("COMMIT")
-            return n
+            for entry in self.quarantined(limit=1 << 62, kind=kind):
+                if wanted is not None and entry["id"] not in wanted:
+                    continue
+                parsed = q.parse(entry, int(self.clock() * 1000))
+                if parsed.problem is not None:
+                    out["kept"] += 1
+                    out["reasons"][entry["id"]] = parsed.problem
+                    continue
+                with self._atomic() as db:
+                    db.execute("DELETE FROM quarantine WHERE id = ?", (entry["id"],))
+                    if entry["kind"] == "message":
+                        self.stats["undeliverable"] -= 1
+                    else:
+                        self.stats["quarantined"] -= 1
+                    self.stats["requeued"] += len(parsed.readings)
+                    self.put(parsed.readings)
+                out["entries"] += 1
+                out["readings"] += len(parsed.readings)
+        return out
 
     # ------------------------------------------------------------------ reading back
 
     def position(self, source: str) -> Any:
-        row = self.db.execute("SELECT position FROM sources WHERE name = ?", (source,)).fetchone()
-        return json.loads(row[0]) if row and row[0] is not None else None
+        with self._lock, mapped(self.path):
+            row = self.db.execute("SELECT position FROM sources WHERE name = ?", (source,)).fetchone()
+        try:
+            return json.loads(row[0]) if row and row[0] is not None else None
+        except ValueError as exc:
+            raise BufferCorrupt(f"{self.path}: source {source!r} has a damaged position: {exc}") from exc
 
     def pending(self) -> int:
         """Readings stored and not yet acknowledged."""
-        with self._lock:
-            sql, args = _after(self.backlog.cursor)
+        with self._lock, mapped(self.path):
+            lanes = self.lanes
+            sql, args = _after(lanes.backlog.cursor)
+            if self._resend_count:
+                sql += " AND NOT EXISTS (SELECT 1 FROM resend s WHERE s.ts = readings.ts AND s.meter = readings.meter)"
             n = self.db.execute(f"SELECT count(*) FROM readings WHERE {sql}", args).fetchone()[0]
-            if self.live is not None:
-                lsql, largs = _after(self.live_floor)
-                usql, uargs = _upto(self.live.cursor)
-                n -= self.db.execute(
-                    f"SELECT count(*) FROM readings WHERE {lsql} AND {usql}", largs + uargs
-                ).fetchone()[0]
+            if lanes.live is not None:
+                lsql, largs = _between(lanes.floor, lanes.live.cursor)
+                if self._resend_count:
+                    lsql += (" AND NOT EXISTS (SELECT 1 FROM resend s WHERE s.ts = readings.ts"
+                             " AND s.meter = readings.meter)")
+                n -= self.db.execute(f"SELECT count(*) FROM readings WHERE {lsql}", largs).fetchone()[0]
             return n + self._resend_count
 
     def oldest_pending_ts(self) -> int | None:
-        with self._lock:
-            sql, args = _after(self.backlog.cursor)
+        with self._lock, mapped(self.path):
+            sql, args = _after(self.lanes.backlog.cursor)
             row = self.db.execute(
                 f"SELECT ts FROM readings WHERE {sql} ORDER BY ts, meter LIMIT 1", args
             ).fetchone()
@@ -792,30 +828,10 @@ class Buffer:
                     return r2[0]
             return row[0] if row else None
 
-    def quarantined(self, limit: int = 100, kind: str | None = None) -> list[dict]:
-        sql = "SELECT id, at, kind, reason, raw, source, location FROM quarantine"
-        args: tuple = ()
-        if kind:
-            sql += " WHERE kind = ?"
-            args = (kind,)
-        sql += " ORDER BY id LIMIT ?"
-        cols = ("id", "at", "kind", "reason", "raw", "source", "location")
-        return [dict(zip(cols, row)) for row in self.db.execute(sql, args + (limit,))]
-
-    def quarantine_message(self, reason: str, payload: bytes, topic: str, readings: int) -> None:
-        """Record a message that can never be delivered (the forwarder's dead letters)."""
-        with self._lock:
-            self.stats["undeliverable"] += 1
-            self.db.execute(
-                "INSERT INTO quarantine(at, kind, reason, raw, source, location) VALUES(?,?,?,?,?,?)",
-                (int(self.clock() * 1000), "message", reason, payload.decode("utf-8", "replace"),
-                 f"forwarder ({readings} readings)", topic),
-            )
-
     def status(self) -> dict:
         """Depth, oldest unsent age, rates, evictions and hours of autonomy left."""
-        with self._lock:
-            used = self._used_bytes()
+        with self._lock, mapped(self.path):
+            used = self.budget.used(self.db)
             pending = self.pending()
             oldest = self.oldest_pending_ts()
             now_ms = int(self.clock() * 1000)
@@ -824,7 +840,7 @@ class Buffer:
                 rate_h = 0.0  # nothing stored for a while: no current rate to project
             stored_rows = self.db.execute("SELECT count(*) FROM readings").fetchone()[0]
             bytes_per_reading = used / stored_rows if stored_rows else 40.0
-            free = max(self.budget_bytes - used, 0)
+            free = max(self.budget.limit - used, 0)
             autonomy = (free / (rate_h * bytes_per_reading)) if rate_h > 0 else None
             return {
                 "path": str(self.path),
@@ -834,11 +850,12 @@ class Buffer:
                 "used_bytes": used,
                 "budget_bytes": self.budget_bytes,
                 "policy": self.policy,
+                "disk_full": self.budget.disk_cap is not None,
                 "bytes_per_reading": round(bytes_per_reading, 1),
                 "ingest_per_h": rate_h,
                 "delivered_per_h": self.stats.get("delivered_per_h") or 0.0,
                 "autonomy_hours": autonomy,
-                "live_lane": self.live is not None,
+                "live_lane": self.lanes.live is not None,
                 "resend": self._resend_count,
                 "quarantine": self.db.execute("SELECT count(*) FROM quarantine").fetchone()[0],
                 "health": self._state("health"),
@@ -847,33 +864,31 @@ class Buffer:
 
     def save_health(self, health: dict) -> None:
         """Record the gateway's stage health (``gateway status`` shows it beside the buffer's)."""
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                self._set_state("health", health)
-                self.db.execute("COMMIT")
-            except BaseException:
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
-                raise
+        with self._lock, self._atomic():
+            self._set_state("health", health)
 
     def health(self) -> dict | None:
         """The stage health last recorded by :meth:`save_health`, or None."""
-        return self._state("health")
+        with self._lock, mapped(self.path):
+            return self._state("health")
 
     def close(self) -> None:
         with self._lock:
             try:
                 if not self.readonly:
-                    self._set_state("stats", self.stats)
-                    self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    try:
+                        with self._atomic():
+                            self._set_state("stats", self.stats)
+                            if self.scorer is not None:
+                                self.scorer.save(self.db)
+                        if self.scorer is not None:
+                            self.scorer.saved()
+                        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    except (sqlite3.Error, BufferError) as exc:  # a full disk: what was committed stays
+                        log.warning("%s: could not save the last counters at stop: %s", self.path, exc)
             finally:
                 self.db.close()
                 self._unlock()
-
-    def _unlock(self) -> None:
-        if self._held is not None:
-            self._held.release()
 
 
 class _Rate:

@@ -72,6 +72,8 @@ def check(reading: Reading, now_ms: int | None = None) -> str | None:
     value = reading.value
     if type(value) is not float and type(value) is not int:
         return f"value: {value!r} is not a number"
+    if type(value) is int and not -(1 << 1000) < value < (1 << 1000):
+        return f"value: an integer of {value.bit_length()} bits is too large for a reading"
     if not math.isfinite(value):
         return f"value: {value!r} is not finite"
     if value < 0:

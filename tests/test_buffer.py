@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from gateway.buffer import MIGRATIONS, Buffer
-from gateway.errors import BufferError, SchemaError
+from gateway.errors import BufferError, BufferFull, SchemaError
 from gateway.readings import Reading
 
 T0 = 1_451_606_400_000  # 2016-01-01T00:00:00Z
@@ -133,6 +133,7 @@ BAD = [
     (Reading("0", "1", "electricity", float(T0), 1.0, "t"), "ts: 1451606400000.0 is not an integer of epoch milliseconds"),
     (Reading("0", "", "electricity", T0, 1.0, "t"), "building: '' is not a non-empty string"),
     (Reading(0, "1", "electricity", T0, 1.0, "t"), "site: 0 is not a non-empty string"),
+    (Reading("0", "1", "electricity", T0, 10**400, "t"), "value: an integer of 1329 bits is too large for a reading"),
 ]
 
 
@@ -196,7 +197,7 @@ def test_live_readings_go_ahead_of_the_backlog(db_path):
     b.ack(nxt)
     backlog = drain(b, 25)
     ts = [r[0] for r in backlog]
-    assert ts == sorted(ts) and ts[0] == T0 and ts[-1] < T0 + 110 * MIN
+    assert ts == sorted(ts) and ts[0] == T0 and ts[-1] == T0 + 110 * MIN  # live: newer than now − window
     assert b.live is None  # merged once the backlog reached the floor
     assert b.pending() == 0 and b.stats["delivered"] == 123
 
@@ -207,9 +208,9 @@ def test_live_lane_survives_restart(db_path):
     b.ack(b.claim(100))  # the live lane's readings
     b.close()
     b = Buffer(db_path, live_window_ms=10 * MIN, clock=at(60))
-    assert b.live is not None and b.pending() == 50
+    assert b.live is not None and b.pending() == 51  # live: newer than now − window (50 min)
     rows = drain(b)
-    assert len(rows) == 50 and max(r[0] for r in rows) < T0 + 50 * MIN
+    assert len(rows) == 51 and max(r[0] for r in rows) == T0 + 50 * MIN
     b.close()
 
 
@@ -273,9 +274,9 @@ def test_release_all_hands_claims_out_again(buf):
 # ---------------------------------------------------------------- budget
 
 
-def fill(b: Buffer, n: int, batch: int = 500) -> None:
+def fill(b: Buffer, n: int, batch: int = 500, can_wait: bool = True) -> None:
     for i in range(0, n, batch):
-        b.put(readings(batch, start=i))
+        b.put(readings(batch, start=i), can_wait=can_wait)
 
 
 def test_budget_drop_oldest_evicts_and_counts(tmp_path):
@@ -293,9 +294,26 @@ def test_budget_drop_oldest_evicts_and_counts(tmp_path):
     b.close()
 
 
-def test_budget_reject_newest_refuses_and_counts(tmp_path):
+def test_budget_reject_newest_makes_a_source_wait_with_its_position_kept(tmp_path):
     b = Buffer(tmp_path / "b.db", budget_bytes=256 * 1024, policy="reject_newest", live_window_ms=10**12)
-    fill(b, 30_000)
+    i = 0
+    with pytest.raises(BufferFull, match=r"^.*b\.db: the buffer's budget of 262144 bytes is used \(policy "
+                       r"reject_newest\): the source waits until the forwarder has made room$"):
+        for i in range(0, 30_000, 500):
+            b.put(readings(500, start=i), source="replay", position=i)
+    assert b.position("replay") == i - 500  # the refused batch's position was not committed
+    st = b.status()
+    assert st["rejected_newest"] == 0 and st["stored"] == i  # refused, not dropped: it is offered again
+    drain(b, 1000)  # the forwarder makes room ...
+    b.reclaim()
+    b.put(readings(500, start=i), source="replay", position=i)  # ... and the same batch goes in
+    assert b.position("replay") == i and b.status()["stored"] == i + 500
+    b.close()
+
+
+def test_budget_reject_newest_refuses_and_counts_for_a_source_that_cannot_wait(tmp_path):
+    b = Buffer(tmp_path / "b.db", budget_bytes=256 * 1024, policy="reject_newest", live_window_ms=10**12)
+    fill(b, 30_000, can_wait=False)
     st = b.status()
     assert st["rejected_newest"] > 0 and st["evicted_oldest"] == 0
     rows = drain(b, 1000)

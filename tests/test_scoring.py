@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import onnx
 import pytest
 
 from gateway.buffer import Buffer
+from gateway.errors import DiskFull
 from gateway.forwarder import Forwarder
 from gateway.messages import decode
 from gateway.model.features import Buildings
@@ -74,9 +76,9 @@ def test_hot_swap_under_load_loses_nothing_and_scores_nothing_twice(tmp_path, bu
     holder = ModelHolder(MODEL)
     first = holder.version
     buf = Buffer(tmp_path / "buffer.db", live_window_ms=10**12)
+    buf.scorer = ReadingScorer(holder, buildings, db_path=tmp_path / "buffer.db")
     pub = MemoryPublisher()
-    fwd = Forwarder(buf, pub, "gw-1", claim_size=200,
-                    scorer=ReadingScorer(holder, buildings, db_path=tmp_path / "buffer.db"))
+    fwd = Forwarder(buf, pub, "gw-1", claim_size=200)
     readings, _ = fleet(meters=100, ticks=120)  # 12,000 readings
 
     stop = threading.Event()
@@ -101,7 +103,7 @@ def test_hot_swap_under_load_loses_nothing_and_scores_nothing_twice(tmp_path, bu
     assert set(keys) == {(r.meter_id, r.ts) for r in readings}
     versions = [v for v, _ in scored]
     assert set(versions) == {first, "test-v2"}
-    # One model per claim: once v2 is in, no message carries the old version again.
+    # One model per put: once v2 is in, no message carries the old version again.
     assert versions.index("test-v2") > 0 and first not in versions[versions.index("test-v2"):]
     assert holder.swaps == 1
     refused = [h for h in holder.history if h[0] == "refused"]
@@ -172,26 +174,77 @@ def test_meter_statistics_survive_a_restart(tmp_path, buildings):
     second.close()
 
 
-def test_a_resent_claim_is_judged_but_not_learned_twice(buildings):
-    readings, _ = fleet(meters=5, ticks=30)
-    from gateway.buffer import MeterInfo
+def _messages_of(buf, limit=200):
+    """Every message a forwarder would send for what the buffer holds now, without acknowledging."""
+    pub = MemoryPublisher()
+    fwd = Forwarder(buf, pub, "gw-1", claim_size=limit)
+    out = []
+    while (claim := buf.claim(limit)) is not None:
+        out += fwd._messages(claim)
+    buf.release_all()
+    return {payload for _, payload, _ in out}
 
-    ids, meters = {}, {}
-    rows = []
-    for r in readings:
-        mid = ids.setdefault(r.meter_id, len(ids) + 1)
-        meters[mid] = MeterInfo(r.site, r.building, r.meter)
-        rows.append((r.ts, mid, r.value))
-    s = ReadingScorer(ModelHolder(MODEL), buildings)
-    s.score_rows(rows[:100], meters)
-    _, once = s.score_rows(rows[100:], meters)
-    _, again = s.score_rows(rows[100:], meters)  # the same claim after a failed publish
-    t = ReadingScorer(ModelHolder(MODEL), buildings)
-    t.score_rows(rows[:100], meters)
-    t.score_rows(rows[100:], meters)
-    _, control = t.score_rows(rows[100:], meters)
-    assert again == control  # learning happened once in both
-    assert [r[:3] for r in once] == [r[:3] for r in again]
+
+def test_scores_and_batch_ids_are_the_same_across_a_resend_a_crash_and_an_outage(tmp_path, buildings):
+    """Scored at ingest and stored: a message sent again carries the same bytes and batch id,
+    and a flagged spike stays flagged."""
+    readings, _ = fleet(meters=20, ticks=60, anomaly_rate=0.02, seed=5)
+    path = tmp_path / "buffer.db"
+    buf = Buffer(path, live_window_ms=10**12, scorer=ReadingScorer(ModelHolder(MODEL), buildings, db_path=path))
+    for i in range(0, len(readings), 100):
+        buf.put(readings[i : i + 100])
+    first = _messages_of(buf)
+    flags = [r[5] for p in first if "model" in (m := decode(p)) for r in m["readings"]]
+    assert len(flags) == len(readings) and 0 < sum(flags) < len(flags) / 10  # spikes are flagged
+    assert _messages_of(buf) == first  # a resend after a failed publish: the same bytes
+    buf.close()  # a crash or a restart: claims are lost, scores are not
+    buf = Buffer(path, live_window_ms=10**12, scorer=ReadingScorer(ModelHolder(MODEL), buildings, db_path=path))
+    assert _messages_of(buf) == first
+    buf.close()
+    # After an outage, with a live lane: claimed in another order, every reading keeps its scores.
+    later = Buffer(path, live_window_ms=10 * MIN, clock=lambda: (readings[-1].ts + MIN) / 1000)
+    rows = {}
+    while (claim := later.claim(137)) is not None:
+        assert claim.lane in ("live", "backlog")
+        for r in claim.rows:
+            rows[(r[0], r[1])] = r
+    scored = {}
+    for p in first:
+        msg = decode(p)
+        if "model" in msg:
+            for meter, ts, value, expected, score, flag in msg["readings"]:
+                scored[(meter, ts)] = (value, expected, score, flag)
+    meters = later.meters
+    again = {(meters[mid].key, ts): (r[2], r[3], r[4], r[5]) for (ts, mid), r in rows.items()}
+    assert again == scored
+    later.close()
+
+
+def test_a_put_that_rolls_back_forgets_what_its_scoring_learned(tmp_path, buildings, monkeypatch):
+    readings, _ = fleet(meters=5, ticks=40)
+    control = Buffer(tmp_path / "control.db", live_window_ms=10**12, scorer=ReadingScorer(ModelHolder(MODEL), buildings))
+    for i in range(0, len(readings), 50):
+        control.put(readings[i : i + 50])
+    buf = Buffer(tmp_path / "buffer.db", live_window_ms=10**12, scorer=ReadingScorer(ModelHolder(MODEL), buildings))
+    for i in range(0, len(readings), 50):
+        if i == 100:  # this batch is scored, then its insert fails: the disk is full
+            real = buf.db
+            class Failing:
+                in_transaction = property(lambda self: real.in_transaction)
+                total_changes = property(lambda self: real.total_changes)
+                def execute(self, *a):
+                    return real.execute(*a)
+                def executemany(self, sql, rows):
+                    if sql.startswith("INSERT INTO readings"):
+                        raise sqlite3.OperationalError("database or disk is full")
+                    return real.executemany(sql, rows)
+            monkeypatch.setattr(buf, "db", Failing())
+            with pytest.raises(DiskFull):
+                buf.put(readings[i : i + 50])
+            monkeypatch.setattr(buf, "db", real)
+        buf.put(readings[i : i + 50])
+    assert _messages_of(buf, 1000) == _messages_of(control, 1000)  # as if the failed put never happened
+    assert buf.status()["stored"] == len(readings)
 
 
 # ---------------------------------------------------------------- anomalies, unscorable, weather
@@ -199,10 +252,10 @@ def test_a_resent_claim_is_judged_but_not_learned_twice(buildings):
 
 def test_injected_anomalies_are_flagged_and_clean_readings_mostly_not(tmp_path, buildings):
     readings, src = fleet(meters=200, ticks=150, anomaly_rate=0.01, seed=11)
-    buf = Buffer(tmp_path / "buffer.db", live_window_ms=10**12)
-    pub = MemoryPublisher()
     scorer = ReadingScorer(ModelHolder(MODEL), buildings)
-    fwd = Forwarder(buf, pub, "gw-1", scorer=scorer)
+    buf = Buffer(tmp_path / "buffer.db", live_window_ms=10**12, scorer=scorer)
+    pub = MemoryPublisher()
+    fwd = Forwarder(buf, pub, "gw-1")
     for i in range(0, len(readings), 2000):
         buf.put(readings[i : i + 2000])
         fwd.drain()
@@ -219,11 +272,11 @@ def test_injected_anomalies_are_flagged_and_clean_readings_mostly_not(tmp_path, 
 def test_a_building_without_metadata_is_forwarded_raw_and_explained(tmp_path, buildings):
     buf = Buffer(tmp_path / "buffer.db", live_window_ms=10**12)
     pub = MemoryPublisher()
-    scorer = ReadingScorer(ModelHolder(MODEL), buildings, db_path=tmp_path / "buffer.db")
+    scorer = buf.scorer = ReadingScorer(ModelHolder(MODEL), buildings, db_path=tmp_path / "buffer.db")
     known = Reading("15", "1433", "electricity", START_MS, 40.0, "t")
     stranger = Reading("15", "99999", "electricity", START_MS, 12.0, "t")
     buf.put([known, stranger])
-    Forwarder(buf, pub, "gw-1", scorer=scorer).drain()
+    Forwarder(buf, pub, "gw-1").drain()
     raw = [r for m in pub.messages if m.topic.endswith("/raw") for r in decode(m.payload)["readings"]]
     scored = [r for _, r in scored_of(pub.messages)]
     assert sorted(r[0] for r in raw) == ["1433:electricity", "99999:electricity"]
@@ -249,11 +302,11 @@ def test_stale_or_missing_weather_degrades_to_nan_never_a_stop(buildings):
 
 
 def test_scored_message_carries_expected_score_flag_and_model(tmp_path, buildings):
-    buf = Buffer(tmp_path / "buffer.db", live_window_ms=10**12)
-    pub = MemoryPublisher()
     holder = ModelHolder(MODEL)
+    buf = Buffer(tmp_path / "buffer.db", live_window_ms=10**12, scorer=ReadingScorer(holder, buildings))
+    pub = MemoryPublisher()
     buf.put([Reading("15", "1433", "electricity", START_MS + i * MIN, 40.0 + i, "t") for i in range(3)])
-    Forwarder(buf, pub, "gw-1", scorer=ReadingScorer(holder, buildings)).drain()
+    Forwarder(buf, pub, "gw-1").drain()
     [msg] = [m for m in pub.messages if m.topic.endswith("/scored")]
     assert msg.topic == "dt/meters/15/gw-1/scored"
     body = decode(msg.payload)

@@ -93,6 +93,7 @@ class MeterStats:
         self._zero = np.full((0, window), np.nan)  # ring buffer of 1.0 (reading was 0) / 0.0 per meter
         self._pos = np.zeros(0, dtype=np.int64)  # next slot to write
         self._count = np.zeros(0, dtype=np.int64)  # residuals seen (not capped)
+        self._dirty = np.zeros(0, dtype=bool)  # learned since the last save
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -134,7 +135,30 @@ class MeterStats:
         pos[:have] = self._pos
         count = np.zeros(cap, dtype=np.int64)
         count[:have] = self._count
-        self._buf, self._pos, self._count = buf, pos, count
+        dirty = np.zeros(cap, dtype=bool)
+        dirty[:have] = self._dirty
+        self._buf, self._pos, self._count, self._dirty = buf, pos, count, dirty
+
+    def snapshot(self, meter_keys) -> tuple:
+        """What :meth:`update` may change for ``meter_keys``, for :meth:`restore`."""
+        u = np.unique(self._ids(meter_keys))
+        return (u, self._buf[u].copy(), self._err[u].copy(), self._zero[u].copy(), self._pos[u].copy(),
+                self._count[u].copy(), self._dirty[u].copy())
+
+    def restore(self, snap: tuple) -> None:
+        """Forget what was learned since :meth:`snapshot` (its readings were not stored)."""
+        u, buf, err, zero, pos, count, dirty = snap
+        self._buf[u], self._err[u], self._zero[u] = buf, err, zero
+        self._pos[u], self._count[u], self._dirty[u] = pos, count, dirty
+
+    @property
+    def dirty(self) -> int:
+        """Meters learned since the last :meth:`clean`."""
+        return int(self._dirty[: len(self._keys)].sum())
+
+    def clean(self) -> None:
+        """What changed is saved: nothing is dirty."""
+        self._dirty[:] = False
 
     def _stats(self, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Offset and scale of meters ``m`` from their current windows (before a new reading)."""
@@ -232,6 +256,7 @@ class MeterStats:
             self._zero[m, self._pos[m]] = is_zero
             self._pos[m] = (self._pos[m] + 1) % w
             self._count[m] += 1
+            self._dirty[m] = True
         return expected, score
 
     def flag(self, score: np.ndarray) -> np.ndarray:
@@ -241,18 +266,21 @@ class MeterStats:
     # -- persistence -------------------------------------------------------------------------
 
     def save(self, conn: sqlite3.Connection) -> None:
-        """Write every meter's state to table ``meter_stats`` (created if missing), in one transaction."""
+        """Write the state of every meter learned since the last :meth:`clean` to table
+        ``meter_stats`` (created if missing), in one transaction (the caller's, if it has one).
+        Only what changed is written: a save costs what was learned, not the fleet's size."""
         n = len(self._keys)
         w = self.window
-        order = (self._pos[:n, None] + np.arange(w)[None, :]) % w
-        chrono = np.take_along_axis(self._buf[:n], order, axis=1)
-        errors = np.take_along_axis(self._err[:n], order, axis=1)
-        zeros = np.take_along_axis(self._zero[:n], order, axis=1)
+        sel = np.flatnonzero(self._dirty[:n])
+        order = (self._pos[sel, None] + np.arange(w)[None, :]) % w
+        chrono = np.take_along_axis(self._buf[sel], order, axis=1)
+        errors = np.take_along_axis(self._err[sel], order, axis=1)
+        zeros = np.take_along_axis(self._zero[sel], order, axis=1)
         rows = []
-        for i, key in enumerate(self._keys):
+        for j, i in enumerate(sel.tolist()):
             k = int(min(self._count[i], w))
-            rows.append((key, int(self._count[i]), w, chrono[i, w - k :].astype("<f8").tobytes(),
-                         errors[i, w - k :].astype("<f8").tobytes(), zeros[i, w - k :].astype("<f8").tobytes()))  # fmt: skip
+            rows.append((self._keys[i], int(self._count[i]), w, chrono[j, w - k :].astype("<f8").tobytes(),
+                         errors[j, w - k :].astype("<f8").tobytes(), zeros[j, w - k :].astype("<f8").tobytes()))  # fmt: skip
         own = not conn.in_transaction  # one transaction, also on an autocommit connection
         try:
             if own:
@@ -292,6 +320,7 @@ class MeterStats:
         self._zero = np.full((0, w), np.nan)
         self._pos = np.zeros(0, dtype=np.int64)
         self._count = np.zeros(0, dtype=np.int64)
+        self._dirty = np.zeros(0, dtype=bool)
         self._grow(len(rows))
         for i, (key, n_seen, blob, err_blob, zero_blob) in enumerate(rows):
             res = np.frombuffer(blob, dtype="<f8")[-w:]  # a smaller window keeps the newest

@@ -9,10 +9,10 @@
 
 Steps 1-3 are :class:`~gateway.model.scorer.Scorer`'s constructor; any failure raises
 :class:`~gateway.errors.ModelError`, the old model stays, and the reason is kept for
-``gateway status``. The forwarder asks for the scorer once per claim, so every claim is scored
-by exactly one model: a swap loses no reading and scores none twice.
+``gateway status``. The buffer asks for the scorer once per put, so every batch is scored by
+exactly one model: a swap loses no reading and scores none twice.
 
-:class:`ReadingScorer` is what the forwarder calls (``score_rows``). For a claim's rows it
+:class:`ReadingScorer` is what the buffer calls as it stores readings (``score``). For a batch it
 looks up each building's metadata and the latest weather of its site (stale or missing weather
 becomes NaN features, never a stop), featurizes in one vectorized call, runs onnxruntime, and
 updates the per-meter online statistics (:class:`~gateway.model.online.MeterStats`), which
@@ -21,7 +21,8 @@ whose building has no metadata cannot be scored: it is forwarded raw only, count
 in ``gateway status``.
 
 Online learning is idempotent per meter: a reading at or before the newest one a meter has
-learned from (a claim sent again after a failure or a crash) is judged but not learned twice.
+learned from (a late reading, or one offered again) is judged but not learned twice. Scores are
+stored beside the readings, so a reading sent again carries the score it was given once.
 """
 
 from __future__ import annotations
@@ -119,11 +120,17 @@ class ModelHolder:
 
 
 class ReadingScorer:
-    """The forwarder's scorer: ``score_rows(rows, meters)`` → scored rows, or None per unscorable row."""
+    """Scores readings as they are stored (the buffer's ingest scorer, :meth:`score`).
+
+    ``db_path``: the buffer file, whose ``meter_stats`` and ``meter_learned`` tables hold what
+    each meter has learned; they are loaded here, and saved by the buffer inside its own put
+    transactions (:meth:`save` with the buffer's connection), only what changed, at most every
+    ``save_every_s``. A crash loses at most that much learning, never a score already stored.
+    """
 
     def __init__(self, holder: ModelHolder, buildings: Buildings, *, stats: MeterStats | None = None,
                  weather=None, weather_max_age_ms: int = 3 * 3600 * 1000, db_path: str | Path | None = None,
-                 save_every_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+                 save_every_s: float = 300.0, clock: Callable[[], float] = time.monotonic):
         self.holder = holder
         self.buildings = buildings
         self.stats = stats or MeterStats()
@@ -134,6 +141,7 @@ class ReadingScorer:
         self.clock = clock
         self._last_save = clock()
         self.last_ts: dict[str, int] = {}
+        self._learned_keys: set[str] = set()  # meters whose last_ts changed since the last save
         self.unscored: Counter = Counter()  # reason → readings
         self.scored = 0
         self.flagged = 0
@@ -148,16 +156,51 @@ class ReadingScorer:
             self.stats.load(self._db)
             self._db.execute("CREATE TABLE IF NOT EXISTS meter_learned(meter_key TEXT PRIMARY KEY,"
                              " last_ts INTEGER NOT NULL) WITHOUT ROWID")
+            self._db.execute("CREATE TABLE IF NOT EXISTS scoring_status(key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID")
             self.last_ts = dict(self._db.execute("SELECT meter_key, last_ts FROM meter_learned"))
 
-    def score_rows(self, rows: list[tuple[int, int, float]], meters: dict) -> tuple[str, list[list | None]]:
-        """(version of the model used, a scored row or None per row). One model per call."""
+    def score(self, rows: list[tuple], meters: dict) -> tuple[str, list[tuple | None], Callable[[], None]]:
+        """The buffer's ingest scorer: for rows starting (ts, meter id, value), the model version,
+        ``(expected kWh, score, flag)`` or None per row, and an undo that forgets what this call
+        learned (the buffer calls it when its transaction rolls back)."""
+        scored: list[tuple | None] = [None] * len(rows)
+        undo_state: list = []
+        version, parts = self._run(rows, meters, undo_state)
+        if parts is not None:
+            idx, _keys, _ts, _values, exp_kwh, scores, flags = parts
+            for i, e, sc, f in zip(idx, exp_kwh, scores, flags):
+                scored[i] = (e, sc, f)
+
+        def undo() -> None:
+            if undo_state:
+                snap, last, learned, counts = undo_state
+                self.stats.restore(snap)
+                for k, t in last.items():
+                    if t is None:
+                        self.last_ts.pop(k, None)
+                    else:
+                        self.last_ts[k] = t
+                self._learned_keys = learned
+                self.scored, self.flagged = counts
+
+        return version, scored, undo
+
+    def score_rows(self, rows: list[tuple], meters: dict) -> tuple[str, list[list | None]]:
+        """(version of the model used, ``[meter key, ts, value, expected, score, flag]`` or None per
+        row). One model per call."""
+        out: list[list | None] = [None] * len(rows)
+        version, parts = self._run(rows, meters, None)
+        if parts is not None:
+            for i, k, t, v, e, sc, f in zip(*parts):
+                out[i] = [k, t, v, e, sc, f]
+        return version, out
+
+    def _run(self, rows: list[tuple], meters: dict, undo_state: list | None):
         self.holder.maybe_reload()
         model = self.holder.current
         n = len(rows)
-        out: list[list | None] = [None] * n
         if n == 0:
-            return model.version, out
+            return model.version, None
         mids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=n)
         self._cache(mids, meters)
         bidx = self._bidx[mids]
@@ -167,7 +210,7 @@ class ReadingScorer:
                 self.unscored[f"building {meters[m].building}: no metadata"] += 1
         idx = np.flatnonzero(known)
         if len(idx) == 0:
-            return model.version, out
+            return model.version, None
         m = mids[idx]
         ts = np.fromiter((rows[i][0] for i in idx.tolist()), dtype=np.int64, count=len(idx))
         values = np.fromiter((rows[i][2] for i in idx.tolist()), dtype=np.float64, count=len(idx))
@@ -175,23 +218,31 @@ class ReadingScorer:
         weather = self._weather(self._site[m], ts)
         X = featurize(self.buildings, bidx[idx], self._code[m], ts, weather)
         pred = model.predict_log(X)
-        actual = np.log1p(values)
+        with np.errstate(over="ignore", invalid="ignore"):
+            actual = np.log1p(values)
+        if undo_state is not None:
+            undo_state.extend([self.stats.snapshot(keys), {k: self.last_ts.get(k) for k in keys},
+                               set(self._learned_keys), (self.scored, self.flagged)])
         learn = self._learn_mask(keys, ts)
         expected, score = self.stats.update(keys, pred, actual, learn=learn)
         flags = self.stats.flag(score)
-        exp_kwh = np.round(np.expm1(expected), 4).tolist()
+        with np.errstate(over="ignore", invalid="ignore"):
+            exp = np.expm1(expected)
+        ok = np.isfinite(exp)  # a reading of ~1e305 overflows its expectation: stored unscored
+        if not ok.all():
+            self.unscored["expected value out of range"] += int((~ok).sum())
+            keep = np.flatnonzero(ok)
+            idx, ts, values, exp, score, flags = idx[keep], ts[keep], values[keep], exp[keep], score[keep], flags[keep]
+            keys = [keys[j] for j in keep.tolist()]
+        exp_kwh = np.round(exp, 4).tolist()
         finite = np.isfinite(score)
         scores = np.round(np.where(finite, score, 0.0), 3).tolist()
         if not finite.all():
-            scores = [v if ok else None for v, ok in zip(scores, finite.tolist())]
-        for i, k, t, v, e, sc, f in zip(idx.tolist(), keys, ts.tolist(), values.tolist(), exp_kwh, scores,
-                                        flags.astype(np.int64).tolist()):
-            out[i] = [k, t, v, e, sc, f]
+            scores = [v if good else None for v, good in zip(scores, finite.tolist())]
         self.scored += len(idx)
         self.flagged += int(flags.sum())
-        if self._db is not None and self.clock() - self._last_save >= self.save_every_s:
-            self.save()
-        return model.version, out
+        return model.version, (idx.tolist(), keys, ts.tolist(), values.tolist(), exp_kwh, scores,
+                               flags.astype(np.int64).tolist())
 
     def _cache(self, mids: np.ndarray, meters: dict) -> None:
         """Per buffer meter id: building index (-1 = no metadata), meter code, site, key."""
@@ -216,12 +267,14 @@ class ReadingScorer:
 
     def _learn_mask(self, keys: list[str], ts: np.ndarray) -> np.ndarray:
         last = self.last_ts
+        learned = self._learned_keys
         learn = np.empty(len(keys), dtype=bool)
         for j, (k, t) in enumerate(zip(keys, ts.tolist())):
             prev = last.get(k)
             if prev is None or t > prev:
                 learn[j] = True
                 last[k] = t
+                learned.add(k)
             else:
                 learn[j] = False
         return learn
@@ -231,27 +284,41 @@ class ReadingScorer:
             return {name: np.full(len(ts), np.nan) for name in WEATHER_FIELDS}
         return self.weather.lookup(sites.astype(str), ts, max_age_ms=self.weather_max_age_ms)
 
-    def save(self) -> None:
-        """Persist the per-meter statistics (and what each meter has learned up to)."""
-        if self._db is None:
+    def save_due(self) -> bool:
+        return self.clock() - self._last_save >= self.save_every_s
+
+    def save(self, db: sqlite3.Connection | None = None) -> None:
+        """Write what changed of the per-meter statistics and what each meter has learned up to.
+
+        With ``db`` (the buffer's connection, inside its transaction) the caller commits and then
+        calls :meth:`saved`; without it, this scorer's own connection commits at once."""
+        if db is None:
+            if self._db is None:
+                return
+            from gateway.db import atomic
+
+            with atomic(self._db):
+                self._write(self._db)
+            self.saved()
             return
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")  # the statistics and what they have learned, together
-        try:
-            self.stats.save(db)
-            db.executemany("INSERT OR REPLACE INTO meter_learned VALUES(?, ?)", list(self.last_ts.items()))
-            db.execute("CREATE TABLE IF NOT EXISTS scoring_status(key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID")
-            db.execute("INSERT OR REPLACE INTO scoring_status VALUES('status', ?)", (json.dumps(self.status()),))
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+        self._write(db)
+
+    def _write(self, db: sqlite3.Connection) -> None:
+        self.stats.save(db)
+        db.executemany("INSERT OR REPLACE INTO meter_learned VALUES(?, ?)",
+                       [(k, self.last_ts[k]) for k in self._learned_keys])
+        db.execute("INSERT OR REPLACE INTO scoring_status VALUES('status', ?)", (json.dumps(self.status()),))
+
+    def saved(self) -> None:
+        """What :meth:`save` wrote has committed."""
+        self.stats.clean()
+        self._learned_keys = set()
         self._last_save = self.clock()
 
     def close(self) -> None:
         if self._db is not None:
-            self.save()
+            if self.stats.dirty or self._learned_keys:
+                self.save()
             self._db.close()
             self._db = None
 

@@ -1,0 +1,100 @@
+"""The quarantine: what could not be stored or delivered, with its reason, raw input and place.
+
+Two kinds live in the buffer's ``quarantine`` table:
+
+- ``reading``: an input that failed the checks (its reason, the raw line or value, ``file:line``);
+- ``message``: a message that can never be delivered as it is (a topic IoT Core refuses, a
+  payload over 128 KB), with its payload and topic.
+
+Nothing here is a dead end. :func:`replay` re-queues what now passes, after its cause is fixed:
+a message's readings go back into the buffer to be sent again, and a reading whose raw input
+parses as a reading and now passes the checks is stored. What still fails stays, with its
+(possibly new) reason.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import sqlite3
+from typing import Any, NamedTuple
+
+from gateway.readings import METER_CODE, Reading, check
+
+COLUMNS = ("id", "at", "kind", "reason", "raw", "source", "location")
+INSERT = "INSERT INTO quarantine(at, kind, reason, raw, source, location) VALUES(?,?,?,?,?,?)"
+REPLAY_SOURCE = "quarantine-replay"
+
+
+def add(db: sqlite3.Connection, rows: list[tuple]) -> None:
+    """Insert ``(at, kind, reason, raw, source, location)`` rows (inside the caller's transaction)."""
+    if rows:
+        db.executemany(INSERT, rows)
+
+
+def listing(db: sqlite3.Connection, limit: int = 100, kind: str | None = None) -> list[dict]:
+    sql = "SELECT id, at, kind, reason, raw, source, location FROM quarantine"
+    args: tuple = ()
+    if kind:
+        sql += " WHERE kind = ?"
+        args = (kind,)
+    sql += " ORDER BY id LIMIT ?"
+    return [dict(zip(COLUMNS, row)) for row in db.execute(sql, args + (limit,))]
+
+
+class Parsed(NamedTuple):
+    readings: list[Reading]
+    problem: str | None  # why the entry cannot be replayed, or None
+
+
+def parse(entry: dict, now_ms: int) -> Parsed:
+    """The readings a quarantine entry stands for, if they now pass the checks."""
+    if entry["kind"] == "message":
+        return _message_readings(entry["raw"], now_ms)
+    raw = entry["raw"]
+    reading = _reading_of(raw)
+    if reading is None:
+        return Parsed([], "its raw input is not a reading this gateway can parse again")
+    reason = check(reading, now_ms)
+    return Parsed([], reason) if reason else Parsed([reading], None)
+
+
+def _message_readings(payload: str, now_ms: int) -> Parsed:
+    try:
+        msg = json.loads(payload)
+        site = str(msg["site"])
+        out = []
+        for row in msg["readings"]:
+            building, meter = str(row[0]).split(":", 1)
+            out.append(Reading(site, building, meter, row[1], row[2], REPLAY_SOURCE))
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        return Parsed([], f"the payload is not a message of readings: {type(exc).__name__}: {exc}")
+    for r in out:
+        reason = check(r, now_ms)
+        if reason:
+            return Parsed([], f"{r.building}:{r.meter}@{r.ts}: {reason}")
+    return Parsed(out, None)
+
+
+def _reading_of(raw: str) -> Reading | None:
+    """A reading from a quarantined raw input: the tuple a buffer check recorded
+    (site, building, meter, ts, value[, source]), or a JSON object with those fields."""
+    value: Any
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        try:
+            value = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None
+    if isinstance(value, dict):
+        try:
+            value = (value["site"], value["building"], value["meter"], value["ts"], value["value"])
+        except KeyError:
+            return None
+    if not isinstance(value, (tuple, list)) or len(value) not in (5, 6):
+        return None
+    site, building, meter, ts, v = value[:5]
+    if not all(isinstance(x, str) for x in (site, building, meter)) or meter not in METER_CODE:
+        return None
+    return Reading(site, building, meter, ts, v, REPLAY_SOURCE)
