@@ -323,6 +323,7 @@ def validate(raw: Any, base: Path = Path(".")) -> Config:
         c.fail("sources", f"{_show(raw_sources)} must be a non-empty list")
         raw_sources = []
     names: dict[str, int] = {}
+    kept: list[int] = []  # the index in the config of each source in `sources`
     for i, s in enumerate(raw_sources or []):
         where = _join("sources", i)
         if not isinstance(s, dict):
@@ -370,6 +371,7 @@ def validate(raw: Any, base: Path = Path(".")) -> Config:
                    f"{_show(src['name'])} is already the name of sources[{names[src['name']]}]{hint}")
         names[src["name"]] = i
         sources.append(src)
+        kept.append(i)
 
     p = top.get("publisher")
     kind = p.get("type") if isinstance(p, dict) else None
@@ -412,6 +414,20 @@ def validate(raw: Any, base: Path = Path(".")) -> Config:
 
     model = _model_section(c, top) if "model" in top else None
     weather = _weather_section(c, top) if "weather" in top else None
+
+    # the files the gateway writes, and every other file named: no two may be one file
+    files = [("buffer.path", buffer["path"])]
+    shown = {"buffer.path": b.get("path", "var/buffer.db")}
+    for i, s in zip(kept, sources):
+        if s.get("labels_path"):
+            files.append((f"sources[{i}].labels_path", s["labels_path"]))
+            shown[files[-1][0]] = raw_sources[i]["labels_path"]
+    read = [(f"sources[{i}].path", s["path"]) for i, s in zip(kept, sources) if s.get("path")]
+    read += [(f"{name}.{key}", section[key]) for name, section in (("model", model), ("weather", weather))
+             if section for key in ("buildings", "path") if section.get(key)]
+    read += [(f"publisher.{key}", publisher[key]) for key in ("cert", "key", "ca") if publisher.get(key)]
+    for where, other in validators.shared_files(files, read):
+        c.fail(where, f"{shown[where]} is also {other}: the gateway would write over it")
 
     if c.errors:
         raise ConfigErrors(c.errors)

@@ -135,6 +135,31 @@ def writable_file(path: Path) -> str | None:
     return None
 
 
+def shared_files(written: list[tuple[str, Path | None]],
+                 read: list[tuple[str, Path | None]]) -> list[tuple[str, str]]:
+    """(key path, other key path) for each file the gateway writes that another key also names.
+
+    A labels CSV written into the buffer, or over a replay file, would destroy it. Paths are
+    compared resolved (symbolic links, ``..``), so two spellings of one file are one file.
+    """
+    seen: dict[str, str] = {}
+    out = []
+    for where, path in written:
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            out.append((where, seen[real]))
+        else:
+            seen[real] = where
+    for where, path in read:
+        real = os.path.realpath(path) if path is not None else None
+        if real in seen:
+            out.append((seen[real], where))
+    order = [where for where, _ in written]
+    return sorted(out, key=lambda pair: order.index(pair[0]))  # stable: in the config's order
+
+
 #: What a start time may be written as, for messages.
 START_FORMAT = "an ISO 8601 date and time (2016-01-01T00:00:00Z)"
 

@@ -295,6 +295,14 @@ CASES = [
     ("model-path-is-a-file", MINIMAL + "model: {path: readings.csv, buildings: .}\n",
      ["model.path: readings.csv is not a directory", "model.buildings: . is a directory, not a file"]),
     ("weather-is-a-directory", MINIMAL + "weather: {path: .}\n", ["weather.path: . is a directory, not a file"]),
+    # a file the gateway writes must be no other key's file
+    ("labels-over-a-replay-and-the-buffer", sim("name: a, labels_path: readings.csv").replace(
+        "publisher:", "  - {type: simulator, name: b, labels_path: ./var/../var/buffer.db}\npublisher:"),
+     ["sources[1].labels_path: readings.csv is also sources[0].path: the gateway would write over it",
+      "sources[2].labels_path: ./var/../var/buffer.db is also buffer.path: the gateway would write over it"]),
+    ("buffer-over-the-weather", MINIMAL + "buffer: {path: readings.csv}\nweather: {path: readings.csv}\n",
+     ["buffer.path: readings.csv is also sources[0].path: the gateway would write over it",
+      "buffer.path: readings.csv is also weather.path: the gateway would write over it"]),
     # the shape of the whole file
     ("top-level-list", "- thing: gw-test-01\n- publisher: {type: memory}\n",
      ["top level: [{thing: gw-test-01}, {publisher: {type: memory}}] must be a mapping"]),
