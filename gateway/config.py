@@ -15,7 +15,8 @@ a file the gateway writes can be created) that create nothing. What needs a file
 
 A config file must be a regular file of at most 1 MiB, nested at most 32 deep; a key given twice
 in one mapping is refused (PyYAML would keep the last one silently). Numbers must be finite
-(``.inf`` and ``.nan`` are refused).
+(``.inf`` and ``.nan`` are refused). A file the gateway writes (the buffer, a labels CSV) must not
+be under /proc or /sys, nor any other key's file.
 
 Reference (defaults in brackets)::
 
