@@ -381,11 +381,12 @@ class Buffer:
                         db.executemany("INSERT INTO readings(ts, meter, value, source) VALUES(?, ?, ?, ?)"
                                        " ON CONFLICT DO NOTHING", rows)
                     stored = db.total_changes - before
-                    duplicates = 0
+                    duplicates, conflicts = 0, set()
                     if stored < len(rows):
-                        duplicates = len(rows) - stored - self._quarantine_conflicts(rows, now_ms, quarantine)
+                        conflicts = self._quarantine_conflicts(rows, now_ms, quarantine)
+                        duplicates = len(rows) - stored - len(conflicts)
                     if rows:
-                        self._note_late(rows, lo_ts)
+                        self._note_late(rows, lo_ts, conflicts)
                     q.add(db, quarantine)
                     if source is not None:
                         db.execute("UPDATE sources SET position = ? WHERE id = ?",
@@ -502,11 +503,11 @@ class Buffer:
         self.stats["unscored"] += sum(1 for s in scores if s is None)
         return out, undo
 
-    def _quarantine_conflicts(self, rows: list[tuple], now_ms: int, quarantine: list) -> int:
+    def _quarantine_conflicts(self, rows: list[tuple], now_ms: int, quarantine: list) -> set[Key]:
         """After an insert that skipped rows, quarantine those whose value differs from the stored
-        one; returns how many. Rows this transaction inserted read back their own value, so only a
+        one; returns their keys. Rows this transaction inserted read back their own value, so only a
         real conflict (another value, stored before or earlier in the batch) differs."""
-        n = 0
+        keys: set[Key] = set()
         get = self.db.execute
         for row in rows:
             ts, mid, value, sid = row[:4]
@@ -518,8 +519,8 @@ class Buffer:
                     f"duplicate (meter, ts) with a different value: stored {stored!r}, got {value!r}",
                     repr((m.site, m.building, m.meter, ts, value)), self._source_name(sid), f"{m.key}@{ts}",
                 ))
-                n += 1
-        return n
+                keys.add((ts, mid))
+        return keys
 
     def _count(self, received: int, stored: int, duplicates: int, quarantined: int, evicted: int,
                refused: int, now_ms: int) -> None:
@@ -540,11 +541,12 @@ class Buffer:
 
     # ------------------------------------------------------------------ late readings
 
-    def _note_late(self, rows: list[tuple], lo_ts: int) -> None:
-        """List in ``resend`` every new row that fell at or below its lane's claim frontier."""
+    def _note_late(self, rows: list[tuple], lo_ts: int, conflicts: set[Key]) -> None:
+        """List in ``resend`` every new row that fell at or below its lane's claim frontier (not
+        the conflicting duplicates, which were quarantined instead of stored)."""
         if lo_ts > self.lanes.top_frontier[0]:  # the usual case: everything new is above every frontier
             return
-        late = [(r[0], r[1]) for r in rows if self.lanes.is_late((r[0], r[1]))]
+        late = [(r[0], r[1]) for r in rows if self.lanes.is_late((r[0], r[1])) and (r[0], r[1]) not in conflicts]
         if late:
             before = self.db.total_changes
             self.db.executemany("INSERT OR IGNORE INTO resend VALUES(?, ?)", late)
@@ -610,7 +612,8 @@ class Buffer:
     def claim(self, limit: int = 1000) -> Claim | None:
         """The next batch of unsent readings, or None when there is nothing to send.
 
-        Order: the live lane, then late readings (``resend``), then the backlog in time order.
+        Order: the live lane, then late readings (``resend``), then the backlog in time order;
+        without a live lane, live readings at the head of the backlog go ahead of late ones.
         Rows are (ts, meter id, value, expected, score, flag, model id); the scores are None for
         a reading stored unscored."""
         with self._lock, mapped(self.path):
@@ -621,6 +624,10 @@ class Buffer:
                 if c is not None:
                     return c
             if self._resend_count > len(lanes.resend_inflight):
+                if lanes.live is None and self._next_is_live():
+                    c = self._claim_lane(lanes.backlog, limit)  # live readings before a backfill's
+                    if c is not None:
+                        return c
                 c = self._claim_resend(limit)
                 if c is not None:
                     return c
@@ -628,6 +635,12 @@ class Buffer:
             if c is None and lanes.live is not None:
                 self._maybe_merge()
             return c
+
+    def _next_is_live(self) -> bool:
+        """Whether the backlog's next unsent reading is live by the wall clock."""
+        sql, args = _after(self.lanes.backlog.frontier)
+        nxt = self.db.execute(f"SELECT ts FROM readings WHERE {sql} ORDER BY ts, meter LIMIT 1", args).fetchone()
+        return nxt is not None and nxt[0] > int(self.clock() * 1000) - self.live_window_ms
 
     def _claim_lane(self, lane: Lane, limit: int) -> Claim | None:
         sql, args = _between(lane.frontier, self.lanes.ceiling(lane))
@@ -645,8 +658,10 @@ class Buffer:
         ).fetchall()
         rows = [r for r in rows if (r[0], r[1]) not in lanes.resend_inflight]
         if not rows:
-            lanes.resend_frontier = BOTTOM
-            return None
+            if lanes.resend_frontier == BOTTOM:
+                return None
+            lanes.resend_frontier = BOTTOM  # late readings may have arrived below where it walked
+            return self._claim_resend(limit)
         return lanes.take_resend(rows)
 
     def _maybe_open_live(self) -> None:

@@ -19,7 +19,8 @@ Late readings (keys at or below their lane's frontier when they arrive) are trac
 buffer's ``resend`` table; here only the keys of those in flight are kept.
 
 Order of claims (:meth:`Buffer.claim`): the live lane first, then late readings, then the backlog
-in time order. A late reading of a backfill does not overtake the live readings.
+in time order. Without a live lane, live readings at the head of the backlog (a live source that
+keeps up) still go ahead of late ones: a backfill beside a live source never delays it.
 """
 
 from __future__ import annotations

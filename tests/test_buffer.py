@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from gateway.buffer import MIGRATIONS, Buffer
-from gateway.errors import BufferError, BufferFull, SchemaError
+from gateway.errors import BufferError, BufferFull, DiskFull, SchemaError
 from gateway.readings import Reading
 
 T0 = 1_451_606_400_000  # 2016-01-01T00:00:00Z
@@ -385,3 +385,143 @@ def test_readonly_status_beside_a_writer(db_path):
 def test_readonly_without_a_buffer_says_so(tmp_path):
     with pytest.raises(BufferError, match=r"no buffer here"):
         Buffer(tmp_path / "missing.db", readonly=True)
+
+
+# ---------------------------------------------------------------- order, backpressure, failures
+
+
+def test_a_backfill_next_to_a_live_source_does_not_overtake_the_live_lane(db_path):
+    now = [120]
+    b = Buffer(db_path, live_window_ms=10 * MIN, clock=lambda: (T0 + now[0] * MIN) / 1000)
+    b.put(readings(120))  # an outage left a backlog; the newest ten minutes are live
+    first = b.claim(5)
+    assert first.lane == "live"
+    b.put([reading(112, meter="7")])  # a live meter's late report, below the live lane's frontier
+    order = []
+    while (c := b.claim(100)) is not None:
+        order.append(c.lane)
+        b.ack(c)
+    b.ack(first)
+    assert order[0] == "live" and order.index("resend") < order.index("backlog"), order
+    assert b.live is None and b.pending() == 0
+    # No live lane now: a live source keeps up, and a backfill of old data arrives beside it.
+    b.put([reading(i, meter="9") for i in range(0, 100, 10)])  # below every frontier: late
+    now[0] = 122
+    b.put(readings(2, start=120))  # live readings
+    c = b.claim(100)
+    assert c.lane == "backlog" and [r[0] for r in c.rows] == [T0 + 120 * MIN, T0 + 121 * MIN]
+    b.ack(c)
+    c = b.claim(100)
+    assert c.lane == "resend" and len(c.rows) == 10
+    b.ack(c)
+    assert b.pending() == 0
+
+
+def test_one_meter_whose_clock_runs_a_day_ahead_does_not_turn_live_first_off(db_path):
+    b = Buffer(db_path, live_window_ms=10 * MIN, clock=at(120))
+    b.put(readings(120))
+    b.put([reading(120 + 23 * 60, meter="skewed")])  # 23 h in the future: accepted
+    c = b.claim(100)
+    assert c.lane == "live" and {r[0] for r in c.rows} >= {T0 + i * MIN for i in range(111, 120)}
+
+
+def test_eviction_takes_the_late_readings_it_evicts_with_it(tmp_path):
+    b = Buffer(tmp_path / "b.db", budget_bytes=256 * 1024, policy="drop_oldest", live_window_ms=10**12)
+    b.put(readings(100, start=5000))
+    drain(b)
+    b.put(readings(50, start=0))  # late: listed in resend
+    assert b.status()["resend"] == 50
+    b.release_all()
+    fill(b, 30_000, batch=500)  # the budget evicts the oldest, the late ones among them
+    st = b.status()
+    assert st["evicted_oldest"] > 0
+    rows = drain(b, 1000)
+    assert b.pending() == 0 and b.status()["resend"] == 0
+    assert len(rows) + st["evicted_oldest"] == st["stored"] - 100  # all delivered or counted
+    b.close()
+
+
+def test_a_key_whose_row_was_reclaimed_is_stored_again_as_a_late_reading(buf):
+    buf.put([reading(1, value=5.0)])
+    drain(buf)
+    assert buf.put([reading(1, value=6.0)]).quarantined == 1  # within the reclaim horizon: a conflict
+    buf.reclaim()
+    assert buf.put([reading(1, value=6.0)]).stored == 1  # reclaimed: the buffer no longer knows the key
+    assert [r[2] for r in drain(buf)] == [6.0]
+
+
+def test_a_put_that_fails_after_evicting_leaves_memory_as_the_database(tmp_path, monkeypatch):
+    b = Buffer(tmp_path / "b.db", budget_bytes=256 * 1024, policy="drop_oldest", live_window_ms=10**12)
+    fill(b, 6000)
+    before = (b.backlog.cursor, b.backlog.frontier, dict(b.stats), len(b.meters))
+    real = b.db
+
+    class FullDisk:  # the eviction runs, then the insert finds the disk full
+        in_transaction = property(lambda self: real.in_transaction)
+        total_changes = property(lambda self: real.total_changes)
+
+        def execute(self, *a):
+            return real.execute(*a)
+
+        def executemany(self, sql, rows):
+            if sql.startswith("INSERT INTO readings"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.executemany(sql, rows)
+
+    monkeypatch.setattr(b, "db", FullDisk())
+    with pytest.raises(DiskFull, match=r"b\.db: the disk is full \(database or disk is full\)"):
+        b.put(readings(500, start=6000, meters=2))  # a new meter too
+    monkeypatch.setattr(b, "db", real)
+    assert (b.backlog.cursor, b.backlog.frontier, b.stats, len(b.meters)) == before
+    rows = drain(b, 1000)
+    st = b.status()
+    assert len(rows) + st["evicted_oldest"] == 6000 and b.pending() == 0
+    assert b.put([reading(1, meter="2")]).stored == 1  # the new meter gets an id of its own
+    assert len({(m.building, m.meter) for m in b.meters.values()}) == len(b.meters)
+    b.close()
+
+
+def test_the_counts_a_promise_depends_on_commit_with_the_rows(tmp_path):
+    b = Buffer(tmp_path / "b.db", budget_bytes=256 * 1024, policy="reject_newest", live_window_ms=10**12)
+    fill(b, 30_000, can_wait=False)
+    refused = b.stats["rejected_newest"]
+    assert refused > 0
+    r = Buffer(tmp_path / "b.db", readonly=True)  # as `gateway status` sees it, before any stop
+    assert r.status()["rejected_newest"] == refused
+    r.close()
+    b.close()
+
+
+def test_the_wal_stays_within_its_share_of_the_budget(tmp_path):
+    b = Buffer(tmp_path / "b.db", budget_bytes=1 << 20, policy="drop_oldest", live_window_ms=10**12)
+    sizes = []
+    for i in range(0, 60_000, 1000):
+        b.put(readings(1000, start=i))
+        sizes.append((tmp_path / "b.db").stat().st_size + (tmp_path / "b.db-wal").stat().st_size)
+    assert b.stats["evicted_oldest"] > 0
+    assert max(sizes) <= (1 << 20) * 1.05, f"file and WAL reached {max(sizes)} bytes on a 1 MiB budget"
+    b.close()
+
+
+def test_a_file_of_schema_version_1_upgrades_in_order(db_path):
+    from gateway.schema import MIGRATIONS as STEPS
+
+    db = sqlite3.connect(db_path)
+    db.executescript(
+        "CREATE TABLE migrations(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL);"
+        + STEPS[0][2]
+        + "INSERT INTO migrations VALUES(1, 'initial schema', 0);"
+        "INSERT INTO meters VALUES(1, '0', '1', 'electricity');"
+        "INSERT INTO sources VALUES(1, 'test', '41');"
+        f"INSERT INTO readings VALUES({T0}, 1, 4.5, 1);"
+    )
+    db.commit()
+    db.close()
+    b = Buffer(db_path, live_window_ms=10**12)
+    assert [v for (v,) in b.db.execute("SELECT version FROM migrations ORDER BY version")] == [1, 2, 3]
+    assert b.position("test") == 41
+    [row] = drain(b)
+    assert row == (T0, 1, 4.5, None, None, None, None)  # stored unscored before version 3
+    b.put([reading(2)])
+    assert b.pending() == 1
+    b.close()
