@@ -6,6 +6,8 @@ with `apt-get install -y mosquitto`"); it is never a skip.
 
 from __future__ import annotations
 
+import socket
+import threading
 from typing import Callable
 
 import pytest
@@ -66,3 +68,96 @@ def subscriber(broker, certs) -> MqttSubscriber:
     sub.start()
     yield sub
     sub.close()
+
+
+class Link:
+    """A TCP relay between a gateway and the broker that a test can cut and restore.
+
+    The gateway connects to ``link.port``; the subscriber stays connected to the broker itself,
+    so everything the broker acknowledged still reaches the subscriber during a cut. ``cut()``
+    closes every relayed connection and refuses new ones (an outage of the gateway's uplink);
+    ``restore()`` accepts again.
+    """
+
+    def __init__(self, target_port: int, host: str = "127.0.0.1"):
+        self.target = (host, target_port)
+        self._listener = socket.create_server((host, 0))
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._up = threading.Event()
+        self._up.set()
+        self._closed = False
+        self.connections = 0  # relayed connections accepted so far
+        threading.Thread(target=self._accept, name="link-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self._up.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._open |= {client, upstream}
+                self.connections += 1
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), name="link-pipe", daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                self._drop(s)
+
+    def _drop(self, s: socket.socket) -> None:
+        with self._lock:
+            self._open.discard(s)
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
+
+    @property
+    def up(self) -> bool:
+        return self._up.is_set()
+
+    def cut(self) -> None:
+        self._up.clear()
+        with self._lock:
+            live = list(self._open)
+        for s in live:
+            self._drop(s)
+
+    def restore(self) -> None:
+        self._up.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        except OSError:
+            pass
+        self._listener.close()
+
+
+@pytest.fixture
+def link(broker) -> Link:
+    """A cuttable relay to ``broker`` (see :class:`Link`); point the gateway at ``link.port``."""
+    relay = Link(broker.port)
+    yield relay
+    relay.close()

@@ -128,6 +128,133 @@ def test_kill_dash_nine_loses_nothing(tmp_path, broker, certs, subscriber):
     assert duplicates <= kills * in_flight_bound, f"{duplicates} duplicates after {kills} kills"
 
 
+def test_kill_dash_nine_with_scoring_and_a_live_lane_sends_the_same_scores_every_time(
+        tmp_path, broker, link, certs, subscriber):
+    """kill -9 a real, scoring `gateway run` while a live lane is open ahead of a backlog.
+
+    The fleet starts two hours before the wall clock and runs faster than it, so its newest
+    readings become live while the uplink is cut and a backlog builds; after the link comes
+    back the buffer sends live readings first. Across four kills, every (meter, ts) that arrives
+    more than once carries the same value, expected, score and flag every time, every message
+    id sent twice has the same bytes, and nothing is lost.
+    """
+    from gateway.buffer import Buffer
+
+    meters, ticks, window_s = 100, 150, 600
+    start_ms = (int(time.time()) // 60 - 120) * 60_000  # two hours ago, on the minute
+    start = datetime.fromtimestamp(start_ms / 1000, timezone.utc).isoformat()
+    client = certs.client(THING)
+    db = tmp_path / "buffer.db"
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({
+        "thing": THING,
+        "buffer": {"path": str(db), "live_window_s": window_s},
+        "sources": [{"type": "simulator", "name": "sim", "meters": meters, "seed": 3, "start": start,
+                     "speed": 240.0, "count": ticks, "anomaly_rate": 0.01}],  # 4 minutes of data a second
+        "publisher": {"type": "mqtt", "endpoint": "localhost", "port": link.port, "cert": str(client.cert),
+                      "key": str(client.key), "ca": str(certs.ca), "local": True},
+        "model": {"path": str(REPO / "models" / "ashrae-lgbm"),
+                  "buildings": str(REPO / "data" / "building_metadata.csv")},
+        "forwarder": {"window": 16, "claim_size": 500, "backoff_min_s": 0.05, "backoff_max_s": 0.5},
+    }))
+    expected = expected_simulator_keys(meters, ticks, start_ms)
+    rng = random.Random(20261201)
+    cmd = [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "gateway.log"
+    log = open(log_path, "ab")
+    got = Received()
+    saw_live = []
+
+    def peek() -> dict | None:
+        try:
+            b = Buffer(db, readonly=True)
+        except Exception:
+            return None
+        try:
+            st = b.status()
+            if st["live_lane"]:
+                saw_live.append(st)
+            return st
+        finally:
+            b.db.close()
+
+    def wait_until(predicate, timeout: float) -> bool:
+        deadline, pause = time.monotonic() + timeout, threading.Event()
+        while not predicate():
+            if time.monotonic() > deadline:
+                return False
+            pause.wait(0.2)
+        return True
+
+    def live_by_now() -> int:
+        """Readings stored once the fleet's data is inside the live window of the wall clock."""
+        return meters * min(ticks, (int(time.time() * 1000) - window_s * 500 - start_ms) // 60_000)
+
+    def kill(proc) -> None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    link.cut()  # the uplink is down from the start: a backlog builds while the data catches up
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=REPO)
+    first = rng.randint(1_000, 4_000)
+    ok = wait_until(lambda: (s := peek()) is not None and s["pending"] >= first, timeout=90)
+    kill(proc)
+    assert ok, f"stored fewer than {first} readings: {peek()}; log:\n{log_path.read_text()[-3000:]}"
+
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=REPO)
+    ok = wait_until(lambda: (s := peek()) is not None and s["pending"] >= live_by_now(), timeout=120)
+    if not ok:
+        kill(proc)
+    assert ok, f"the data never caught up with the clock: {peek()}; log:\n{log_path.read_text()[-3000:]}"
+    link.restore()  # a two-hour backlog, and live readings arriving: the live lane opens
+    for threshold in sorted(rng.sample(range(500, 12_000), 3)):
+        reached = subscriber.wait_for(got.at_least(threshold), timeout=90)
+        peek()
+        kill(proc)
+        assert reached, f"stalled before {threshold} readings: {log_path.read_text()[-3000:]}"
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=REPO)
+    kill(proc)
+    final = subprocess.run(cmd + ["--exit-when-idle"], stdout=log, stderr=log, env=env, cwd=REPO, timeout=180)
+    assert final.returncode == 0, log_path.read_text()[-3000:]
+    assert saw_live, "no live lane was open at any kill: the test did not exercise one"
+
+    messages = subscriber.snapshot()
+    raw_keys = {(r[0], r[1]) for m in messages if m.topic.endswith("/raw") for r in decode(m.payload)["readings"]}
+    assert raw_keys == expected, f"lost {len(expected - raw_keys)}, invented {len(raw_keys - expected)}"
+    # Every message id, raw or scored, stands for the same bytes every time it is sent.
+    by_batch: dict[str, bytes] = {}
+    changed_batches = []
+    for m in messages:
+        batch = decode(m.payload)["batch"]
+        if by_batch.setdefault(batch, m.payload) != m.payload:
+            changed_batches.append((m.topic, batch))
+    # Every (meter, ts) carries the same value, and the same expected, score and flag, every time.
+    values: dict[tuple[str, int], float] = {}
+    scores: dict[tuple[str, int], tuple] = {}
+    changed_values, changed_scores, sends = [], [], {}
+    for m in messages:
+        body = decode(m.payload)
+        for r in body["readings"]:
+            k = (r[0], r[1])
+            if m.topic.endswith("/raw"):
+                if values.setdefault(k, r[2]) != r[2]:
+                    changed_values.append((k, values[k], r[2]))
+            else:
+                sends[k] = sends.get(k, 0) + 1
+                s = (r[2], r[3], r[4], r[5], body.get("model"))
+                if scores.setdefault(k, s) != s:
+                    changed_scores.append((k, scores[k], s))
+    assert set(scores) == expected, f"{len(expected - set(scores))} readings never scored"
+    twice = sum(1 for n in sends.values() if n > 1)
+    assert twice, "no scored reading was sent twice: the kills never caught anything in flight"
+    assert not changed_values, f"{len(changed_values)} readings changed value between sends, e.g. {changed_values[:3]}"
+    assert not changed_scores, (
+        f"{len(changed_scores)} of the {twice} scored readings sent more than once carried another "
+        f"(value, expected, score, flag, model) the next time, e.g. {changed_scores[:3]}")
+    assert not changed_batches, f"{len(changed_batches)} message ids were sent with other bytes, e.g. {changed_batches[:3]}"
+
+
 class GatedPublisher:
     """The real publisher, but `connected` stays False until the test opens the gate.
 
