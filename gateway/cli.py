@@ -151,14 +151,18 @@ def status(config_path: str | None, db: str | None, as_json: bool) -> None:
     Console().print(t)
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config file.")
 @click.option("--db", type=click.Path(dir_okay=False), help="The buffer file (instead of --config).")
 @click.option("--limit", default=50, show_default=True, help="How many entries.")
 @click.option("--kind", type=click.Choice(["reading", "message"]), help="Only readings or only messages.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def quarantine(config_path: str | None, db: str | None, limit: int, kind: str | None, as_json: bool) -> None:
-    """List quarantined readings and messages, with their reasons."""
+@click.pass_context
+def quarantine(ctx: click.Context, config_path: str | None, db: str | None, limit: int, kind: str | None,
+               as_json: bool) -> None:
+    """List quarantined readings and messages, with their reasons (`replay` re-queues them)."""
+    if ctx.invoked_subcommand is not None:
+        return
     try:
         buf = _open_buffer(config_path, db)
         rows = buf.quarantined(limit=limit, kind=kind)
@@ -175,6 +179,40 @@ def quarantine(config_path: str | None, db: str | None, limit: int, kind: str | 
     for r in rows:
         raw = r["raw"] if len(r["raw"]) <= 120 else r["raw"][:117] + "..."
         click.echo(f"#{r['id']} {r['kind']} {r['location']} ({r['source']}): {r['reason']}\n    {raw}")
+
+
+@quarantine.command("replay")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option("--db", type=click.Path(dir_okay=False), help="The buffer file (instead of --config).")
+@click.option("--id", "ids", type=int, multiple=True, help="Only these entries (repeatable).")
+@click.option("--kind", type=click.Choice(["reading", "message"]), help="Only readings or only messages.")
+def quarantine_replay(config_path: str | None, db: str | None, ids: tuple[int, ...], kind: str | None) -> None:
+    """Re-queue quarantined messages, and readings that now pass, once their cause is fixed.
+
+    A message's readings go back into the buffer to be sent again; a reading is stored if it now
+    passes the checks. What still fails stays quarantined, with the reason. The gateway must be
+    stopped: this takes the buffer's lock."""
+    from gateway.buffer import Buffer
+
+    try:
+        if db is None:
+            if config_path is None:
+                raise click.UsageError("give --config or --db")
+            from gateway import config as cfg
+
+            b = cfg.load(config_path).buffer
+            buf = Buffer(b["path"], budget_bytes=b["budget_bytes"], policy=b["policy"])
+        else:
+            buf = Buffer(db)
+        try:
+            out = buf.replay_quarantine(ids or None, kind=kind)
+        finally:
+            buf.close()
+    except GatewayError as exc:
+        _fail(exc, config_path)
+    click.echo(f"re-queued {out['entries']} entries ({out['readings']} readings); {out['kept']} kept")
+    for qid, reason in out["reasons"].items():
+        click.echo(f"  kept #{qid}: {reason}")
 
 
 

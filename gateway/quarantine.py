@@ -76,13 +76,25 @@ def _message_readings(payload: str, now_ms: int) -> Parsed:
     return Parsed(out, None)
 
 
+class _Floats(ast.NodeTransformer):
+    """``nan`` and ``inf`` as a tuple's repr writes them, as float constants."""
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if node.id in ("nan", "inf"):
+            return ast.copy_location(ast.Constant(float(node.id)), node)
+        return node
+
+
+_FLOATS = _Floats()
+
+
 def _reading_of(raw: str) -> Reading | None:
     """A reading from a quarantined raw input: the tuple a buffer check recorded
     (site, building, meter, ts, value[, source]), or a JSON object with those fields."""
     value: Any
     try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        value = ast.literal_eval(_FLOATS.visit(ast.parse(raw, mode="eval")))
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
         try:
             value = json.loads(raw)
         except (ValueError, RecursionError):
