@@ -126,21 +126,65 @@ def _await(done: threading.Event, timeout_s: float, what: str) -> None:
 
 # ---------------------------------------------------------------------------------- ingest
 
+def _puts_beside_a_forwarder(path: str, readings: list[Reading], batch: int, synchronous: str,
+                             scorer=None) -> tuple[float, int, int]:
+    """Seconds of the puts of ``readings`` while a forwarder (in-memory publisher) claims and
+    acknowledges in its own thread, as in ``gateway run``; readings acknowledged meanwhile, and
+    late readings listed. The forwarder must then deliver everything, or the stage fails: a
+    claimer that died would flatter the figure."""
+    from gateway.forwarder import Forwarder
+    from gateway.publishers import MemoryPublisher
+
+    buf = _buffer(path, scorer, synchronous)
+    fwd = Forwarder(buf, MemoryPublisher(), THING)
+    stop = threading.Event()
+    died: list[BaseException] = []
+
+    def forward() -> None:
+        try:
+            fwd.run(stop)
+        except BaseException as exc:  # reported below
+            died.append(exc)
+
+    thread = threading.Thread(target=forward, name="bench-forwarder", daemon=True)
+    thread.start()
+    try:
+        t0 = time.perf_counter()
+        for i in range(0, len(readings), batch):
+            buf.put(readings[i : i + batch], source="bench", position=i + batch)
+        seconds = time.perf_counter() - t0
+        delivered = buf.stats["delivered"]
+        deadline = time.monotonic() + 120
+        while buf.pending() and not died and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        fwd.wake.set()
+        thread.join(30)
+    if died:
+        raise BenchError(f"bench: the ingest stage's forwarder died: {died[0]!r}") from died[0]
+    if thread.is_alive() or buf.pending():
+        raise BenchError(f"bench: the ingest stage's forwarder left {buf.pending()} readings after 120 s")
+    late = buf.status().get("resend", 0)
+    buf.close()
+    return seconds, delivered, late
+
+
 def bench_ingest(readings: list[Reading], batch: int = FLEET_METERS, synchronous: str = "full",
-                 rounds: int = 3) -> dict[str, float]:
-    """Readings per second: Buffer.put vs a bare executemany, same batches, same pragmas; and
-    Buffer.put with a forwarder (in-memory publisher, no scoring) claiming in its thread.
+                 rounds: int = 3, score: bool = True) -> dict[str, float]:
+    """Readings per second: Buffer.put vs a bare executemany, same batches, same pragmas; then
+    Buffer.put with a forwarder claiming beside it (``ingest_claimed``), and that again with
+    the buffer scoring what it stores (``ingest_scored``: what ``gateway run`` does).
 
     Each side runs ``rounds`` times, alternating, into a fresh file; the best of each counts
     (the least disturbed run is the closest to what the code itself costs)."""
     from gateway.buffer import Buffer
-    from gateway.forwarder import Forwarder
-    from gateway.publishers import MemoryPublisher
 
     ids = {r.meter_id: i for i, r in enumerate({r.meter_id: r for r in readings[:5000]}.values(), 1)}
     rows = [(r.ts, ids.get(r.meter_id, 0), r.value, 1) for r in readings]
-    raw_best = ours_best = claimed_best = float("inf")
+    best = {"raw": float("inf"), "ours": float("inf"), "claimed": float("inf"), "scored": float("inf")}
     claimed_during = late = 0
+    warm = _scorer() if score else None
     with disk_tempdir() as d:
         for k in range(rounds):
             # Raw: the same tuples the buffer writes, into a minimal table, one commit per batch.
@@ -153,58 +197,39 @@ def bench_ingest(readings: list[Reading], batch: int = FLEET_METERS, synchronous
                 db.execute("BEGIN")
                 db.executemany("INSERT INTO raw VALUES(?, ?, ?, ?)", rows[i : i + batch])
                 db.execute("COMMIT")
-            raw_best = min(raw_best, time.perf_counter() - t0)
+            best["raw"] = min(best["raw"], time.perf_counter() - t0)
             db.close()
 
             buf = Buffer(os.path.join(d, f"buffer{k}.db"), synchronous=synchronous)
             t0 = time.perf_counter()
             for i in range(0, len(readings), batch):
                 buf.put(readings[i : i + batch], source="bench", position=i + batch)
-            ours_best = min(ours_best, time.perf_counter() - t0)
+            best["ours"] = min(best["ours"], time.perf_counter() - t0)
             buf.close()
 
-            # As production runs it: a forwarder claims and acknowledges beside the puts.
-            buf = Buffer(os.path.join(d, f"claimed{k}.db"), synchronous=synchronous)
-            fwd = Forwarder(buf, MemoryPublisher(), THING)
-            stop = threading.Event()
-            died: list[BaseException] = []
-
-            def forward() -> None:
-                try:
-                    fwd.run(stop)
-                except BaseException as exc:  # reported below: a dead claimer would flatter the figure
-                    died.append(exc)
-
-            thread = threading.Thread(target=forward, name="bench-forwarder", daemon=True)
-            thread.start()
-            t0 = time.perf_counter()
-            for i in range(0, len(readings), batch):
-                buf.put(readings[i : i + batch], source="bench", position=i + batch)
-            seconds = time.perf_counter() - t0
-            delivered = buf.stats["delivered"]
-            # The forwarder then delivers the rest: proof that it was claiming all along.
-            deadline = time.monotonic() + 120
-            while buf.pending() and not died and time.monotonic() < deadline:
-                time.sleep(0.01)
-            stop.set()
-            thread.join(30)
-            if died:
-                raise BenchError(f"bench: the ingest stage's forwarder died: {died[0]!r}") from died[0]
-            if thread.is_alive() or buf.pending():
-                raise BenchError(f"bench: the ingest stage's forwarder left {buf.pending()} readings after 120 s")
-            if seconds < claimed_best:
-                claimed_best, claimed_during, late = seconds, delivered, buf.status()["resend"]
-            buf.close()
-    n = len(readings)
-    return {
-        "ingest_readings_per_s": n / ours_best,
-        "ingest_raw_readings_per_s": n / raw_best,
-        "ingest_ratio": raw_best / ours_best,
-        "ingest_claimed_readings_per_s": n / claimed_best,
-        "ingest_claimed_ratio": raw_best / claimed_best,
+            seconds, delivered, listed = _puts_beside_a_forwarder(
+                os.path.join(d, f"claimed{k}.db"), readings, batch, synchronous)
+            if seconds < best["claimed"]:
+                best["claimed"], claimed_during, late = seconds, delivered, listed
+            if warm is not None:
+                scorer = _scorer(holder=warm.holder)  # fresh statistics, a loaded model
+                seconds, _, _ = _puts_beside_a_forwarder(
+                    os.path.join(d, f"scored{k}.db"), readings, batch, synchronous, scorer)
+                best["scored"] = min(best["scored"], seconds)
+    n, raw = len(readings), best["raw"]
+    out = {
+        "ingest_readings_per_s": n / best["ours"],
+        "ingest_raw_readings_per_s": n / raw,
+        "ingest_ratio": raw / best["ours"],
+        "ingest_claimed_readings_per_s": n / best["claimed"],
+        "ingest_claimed_ratio": raw / best["claimed"],
         "ingest_claimed_delivered": claimed_during,  # acknowledged while the puts ran
         "ingest_claimed_late": late,
     }
+    if warm is not None:
+        out["ingest_scored_readings_per_s"] = n / best["scored"]
+        out["ingest_scored_ratio"] = raw / best["scored"]
+    return out
 
 
 # ---------------------------------------------------------------------------------- messages
@@ -234,8 +259,9 @@ def message_figures(messages, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _scorer(db_path: str | Path | None = None):
-    """The forwarder's scorer with the shipped model and the sample's weather, or None."""
+def _scorer(db_path: str | Path | None = None, holder=None):
+    """The forwarder's scorer with the shipped model (or ``holder``'s) and the sample's weather,
+    or None when there is no model."""
     from gateway.model.features import Buildings
     from gateway.model.online import MeterStats
     from gateway.model.paths import default_buildings, default_model
@@ -246,21 +272,33 @@ def _scorer(db_path: str | Path | None = None):
     if model_dir is None or buildings_csv is None:
         return None
     weather = WeatherReplay(WEATHER).table(retain_ms=None) if WEATHER.exists() else None
-    return ReadingScorer(ModelHolder(model_dir, threads=1), Buildings.from_csv(buildings_csv), stats=MeterStats(),
-                         weather=weather, db_path=db_path)
+    return ReadingScorer(holder or ModelHolder(model_dir, threads=1), Buildings.from_csv(buildings_csv),
+                         stats=MeterStats(), weather=weather, db_path=db_path)
+
+
+def _buffer(path: str | Path, scorer=None, synchronous: str = "normal"):
+    """A buffer that scores what it stores with ``scorer``, as the gateway's does."""
+    from gateway.buffer import Buffer
+
+    return Buffer(path, synchronous=synchronous) if scorer is None else \
+        Buffer(path, synchronous=synchronous, scorer=scorer)
+
+
+def _fill(buf, readings: list[Reading], batch: int = FLEET_METERS) -> None:
+    """Put ``readings`` in puts of one tick of the fleet, as a source stores them."""
+    for i in range(0, len(readings), batch):
+        buf.put(readings[i : i + batch])
 
 
 def _captured(readings: list[Reading], d: str, name: str, scorer=None, window: int = 64) -> list[tuple[str, bytes]]:
     """The messages the forwarder makes of ``readings``, captured through the in-memory twin."""
-    from gateway.buffer import Buffer
     from gateway.forwarder import Forwarder
     from gateway.publishers import MemoryPublisher
 
     twin = MemoryPublisher()
-    buf = Buffer(os.path.join(d, name), synchronous="normal")
-    for i in range(0, len(readings), 10_000):
-        buf.put(readings[i : i + 10_000])
-    Forwarder(buf, twin, THING, window=window, scorer=scorer).drain(timeout_s=600)
+    buf = _buffer(os.path.join(d, name), scorer)
+    _fill(buf, readings)
+    Forwarder(buf, twin, THING, window=window).drain(timeout_s=600)
     buf.close()
     return [(m.topic, m.payload) for m in twin.messages]
 
@@ -271,7 +309,6 @@ def bench_drain(readings: list[Reading], window: int = 64, timeout_s: float = 60
     from awscrt import mqtt5
 
     from gateway.broker import Mosquitto, make_certs
-    from gateway.buffer import Buffer
     from gateway.forwarder import Forwarder
     from gateway.publishers.mqtt import MqttPublisher
 
@@ -280,9 +317,8 @@ def bench_drain(readings: list[Reading], window: int = 64, timeout_s: float = 60
         certs = make_certs(Path(d) / "certs", [THING])
         client = certs.client(THING)
         with Mosquitto(Path(d) / "broker", certs) as broker:
-            buf = Buffer(os.path.join(d, "buffer.db"), synchronous="normal")
-            for i in range(0, len(readings), 10_000):
-                buf.put(readings[i : i + 10_000])
+            buf = _buffer(os.path.join(d, "buffer.db"))
+            _fill(buf, readings)
 
             messages = _captured(readings, d, "shadow.db", window=window)
             scorer = _scorer()
@@ -380,10 +416,10 @@ def bench_sample_messages() -> dict[str, Any]:
 
 
 def bench_iotcore(readings: list[Reading], window: int = 64, timeout_s: float = 120) -> dict[str, Any]:
-    """The forwarder with scoring (when a model is present), as a device runs it, through
-    awscrt's IoT Core flow control (``local=False``) to a local mosquitto, from a backlog."""
+    """A backlog scored as it was stored (when a model is present), drained by the forwarder as
+    a device runs it: raw and scored messages through awscrt's IoT Core flow control
+    (``local=False``) to a local mosquitto."""
     from gateway.broker import Mosquitto, make_certs
-    from gateway.buffer import Buffer
     from gateway.forwarder import Forwarder
     from gateway.publishers.mqtt import MqttPublisher
 
@@ -391,15 +427,14 @@ def bench_iotcore(readings: list[Reading], window: int = 64, timeout_s: float = 
         certs = make_certs(Path(d) / "certs", [THING])
         client = certs.client(THING)
         with Mosquitto(Path(d) / "broker", certs) as broker:
-            buf = Buffer(os.path.join(d, "buffer.db"), synchronous="normal")
-            for i in range(0, len(readings), 10_000):
-                buf.put(readings[i : i + 10_000])
-            scorer = _scorer()
+            scorer = _scorer()  # scored as stored, during the outage; then the backlog drains
+            buf = _buffer(os.path.join(d, "buffer.db"), scorer)
+            _fill(buf, readings)
             pub = MqttPublisher("localhost", THING, client.cert, client.key, certs.ca, port=broker.port, local=False)
             pub.start()
             if not pub.wait_connected(10):
                 raise BenchError("bench: the flow-controlled client could not connect to the local broker")
-            fwd = Forwarder(buf, pub, THING, window=window, scorer=scorer)
+            fwd = Forwarder(buf, pub, THING, window=window)
             t0 = time.perf_counter()
             fwd.drain(timeout_s=timeout_s)  # raises TimeoutError on a stall
             seconds = time.perf_counter() - t0
@@ -497,7 +532,8 @@ def bench_startup(n: int = 3_000_000, meters: int = FLEET_METERS) -> dict[str, A
         ticks = n // meters
         for t in range(1, ticks):
             ts = t0 + t * 60_000
-            db.executemany("INSERT INTO readings VALUES(?, ?, 1.0, 1)", [(ts, m) for m in range(1, meters + 1)])
+            db.executemany("INSERT INTO readings(ts, meter, value, source) VALUES(?, ?, 1.0, 1)",
+                           [(ts, m) for m in range(1, meters + 1)])
         db.execute("COMMIT")
         buf.close()
         begin = time.perf_counter()
@@ -597,6 +633,7 @@ def bench_gateway(n: int, meters: int = FLEET_METERS, timeout_s: float = 600) ->
         "gateway_readings": stored,
         "gateway_scored": "model" in conf,
         "gateway_readings_per_s": stored / seconds,
+        "gateway_seconds": seconds,
         "peak_rss_mb": hwm_kb / 1024,
         "disk_bytes_written_per_reading": io["write_bytes"] / stored,
         "wchar_per_reading": io["wchar"] / stored,
@@ -607,12 +644,18 @@ def bench_gateway(n: int, meters: int = FLEET_METERS, timeout_s: float = 600) ->
 
 # ---------------------------------------------------------------------------------- scoring
 
-def bench_score(readings: list[Reading], claim: int = 1000) -> dict[str, Any]:
-    """The forwarder's scoring path (ReadingScorer.score_rows: metadata, weather look-up,
-    featurize, onnxruntime, online update, scored rows) on claim-sized batches, against raw
-    onnxruntime on the same rows' prebuilt feature matrix in the same batches. Then the bytes
-    one save of what it learned writes to disk, and what that costs per reading at the
-    reference fleet's real rate (it saves every ``save_every_s`` of wall time)."""
+def _score_call(scorer) -> Callable[[list, dict], Any]:
+    """What production calls to score a batch: the buffer's ``score`` at put, else the
+    forwarder's ``score_rows`` at claim."""
+    return getattr(scorer, "score", None) or scorer.score_rows
+
+
+def bench_score(readings: list[Reading], batch: int = FLEET_METERS) -> dict[str, Any]:
+    """The gateway's scoring path (ReadingScorer.score, as Buffer.put calls it: metadata,
+    weather look-up, featurize, onnxruntime, online update) on put-sized batches (one tick of
+    the fleet), against raw onnxruntime on the same rows' prebuilt feature matrix in the same
+    batches. Then the bytes one save of what it learned writes to disk, and what that costs
+    per reading at the reference fleet's real rate (it saves every ``save_every_s``)."""
     from gateway.buffer import MeterInfo
     from gateway.model.features import Buildings, featurize
     from gateway.model.paths import default_buildings, default_model
@@ -632,12 +675,13 @@ def bench_score(readings: list[Reading], claim: int = 1000) -> dict[str, Any]:
             meters[mid] = MeterInfo(r.site, r.building, r.meter)
         rows.append((r.ts, mid, r.value))
     scorer = _scorer()
-    scorer.score_rows(rows[:claim], meters)  # warm up: holiday tables, first allocations
+    _score_call(scorer)(rows[:batch], meters)  # warm up: holiday tables, first allocations
     holder = scorer.holder
-    scorer = _scorer()
+    scorer = _scorer(holder=holder)  # fresh statistics, the warmed-up session
+    score = _score_call(scorer)
     t0 = time.perf_counter()
-    for i in range(0, len(rows), claim):
-        scorer.score_rows(rows[i : i + claim], meters)
+    for i in range(0, len(rows), batch):
+        score(rows[i : i + batch], meters)
     ours_s = time.perf_counter() - t0
 
     b = buildings.ids(np.array([r.building for r in readings]))
@@ -646,42 +690,50 @@ def bench_score(readings: list[Reading], claim: int = 1000) -> dict[str, Any]:
                   np.array([r.ts for r in readings])[ok], {})
     session, name = holder.current._session, holder.current._input
     t0 = time.perf_counter()
-    for i in range(0, len(X), claim):
-        session.run(None, {name: X[i : i + claim]})
+    for i in range(0, len(X), batch):
+        session.run(None, {name: X[i : i + batch]})
     raw_s = time.perf_counter() - t0
     result = {
         "score_readings_per_s": len(rows) / ours_s,
         "score_raw_rows_per_s": len(X) / raw_s,
         "score_ratio": (len(rows) / ours_s) / (len(X) / raw_s),
-        "score_batch": claim,
+        "score_batch": batch,
     }
-    result.update(_stats_save_bytes(scorer))
+    result.update(_stats_save_bytes(scorer, rows, meters))
     return result
 
 
-def _stats_save_bytes(trained) -> dict[str, Any]:
-    """Bytes written (WAL and checkpoint) by the second save of ``trained``'s statistics into a
-    buffer-side database on disk (the first one creates the rows; a running gateway updates)."""
+def _stats_save_bytes(trained, rows: list[tuple[int, int, float]], meters: dict) -> dict[str, Any]:
+    """Bytes written (WAL and checkpoint) by one periodic save of ``trained``'s statistics into
+    a database on disk, after the first save and then the readings the fleet makes between two
+    saves that find something new at real time: one tick (every meter) when saves come at
+    least once a tick, else ``save_every_s`` of readings (the last of ``rows``, moved later).
+    SQLite leaves a page that an update does not change unwritten, so a save with nothing new
+    costs next to nothing, and these bytes are spread over the readings between."""
+    fleet = FLEET_METERS / FLEET_INTERVAL_S
     with disk_tempdir() as d:
         path = os.path.join(d, "stats.db")
         db = sqlite3.connect(path, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")  # as the buffer's file is
         db.close()
-        scorer = _scorer(db_path=path)
+        scorer = _scorer(db_path=path, holder=trained.holder)
+        every = float(getattr(scorer, "save_every_s", 30.0))
         scorer.stats, scorer.last_ts = trained.stats, trained.last_ts
         scorer.save()
         scorer._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        later = FLEET_INTERVAL_S * 1000 * (len(rows) // FLEET_METERS + 1)
+        n_between = max(1, round(max(every, FLEET_INTERVAL_S) * fleet))
+        between = [(ts + later, mid, value) for ts, mid, value in rows[-n_between:]]
+        _score_call(scorer)(between, meters)
         before = proc_io()
         scorer.save()
         scorer._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         written = proc_io()["write_bytes"] - before["write_bytes"]
-        every = float(getattr(scorer, "save_every_s", 30.0))
         scorer.close()
-    fleet = FLEET_METERS / FLEET_INTERVAL_S
     return {
         "stats_save_bytes": written,
         "stats_save_every_s": every,
-        "stats_save_bytes_per_reading_at_1x": written / (every * fleet),
+        "stats_save_bytes_per_reading_at_1x": written / len(between),
     }
 
 
@@ -716,13 +768,13 @@ def run(n: int = 200_000, *, score: bool = True, startup_n: int = 3_000_000, iot
     progress(f"generating {n:,} simulated readings (2,380 meters)")
     readings = _readings(n)
     progress("ingest: Buffer.put vs bare executemany, then with a forwarder claiming beside it")
-    result.update(bench_ingest(readings))
+    result.update(bench_ingest(readings, score=score))
     progress("drain: forwarder → mosquitto vs bare awscrt publish; wire bytes raw and scored")
     result.update(bench_drain(readings))
     progress("messages: the bundled sample through a Gateway, as the demo sends it")
     result.update(bench_sample_messages())
     if score:
-        progress("score: the forwarder's scoring path vs raw onnxruntime, 1,000-reading claims")
+        progress("score: the scoring path Buffer.put runs vs raw onnxruntime, one tick (2,380 readings) a batch")
         result.update(bench_score(readings))
     progress(f"drain with IoT Core's flow control (awscrt, local=False): {iotcore_n:,} readings")
     result.update(bench_iotcore(readings[:iotcore_n] if iotcore_n <= n else _readings(iotcore_n)))
@@ -738,9 +790,22 @@ def run(n: int = 200_000, *, score: bool = True, startup_n: int = 3_000_000, iot
     progress("gateway: a real `gateway run` end to end (simulator → buffer → scoring → mosquitto), "
              "its peak RSS and disk writes")
     result.update(bench_gateway(gateway_n))
+    if "stats_save_bytes_per_reading_at_1x" in result and result["gateway_scored"]:
+        result["disk_bytes_written_per_reading_at_1x"] = at_real_time(result)
     result["bench_process_peak_rss_mb"] = peak_rss_mb()
     result.update(model_figures())
     return result
+
+
+def at_real_time(result: dict[str, Any]) -> float:
+    """Bytes written per reading by a gateway at the fleet's real rate, estimated from the fast
+    run: it saved the meter statistics only once per ``save_every_s`` of its short wall time
+    (and at the end) for all its readings, where a gateway at real time saves them for every
+    ``save_every_s`` of readings. So: the run's bytes without its saves, plus one save's bytes
+    spread over the readings between two saves at real time."""
+    saves = 1 + int(result["gateway_seconds"] // result["stats_save_every_s"])
+    rest = result["disk_bytes_written_per_reading"] * result["gateway_readings"] - saves * result["stats_save_bytes"]
+    return max(rest, 0) / result["gateway_readings"] + result["stats_save_bytes_per_reading_at_1x"]
 
 
 GOALS = {
@@ -751,6 +816,7 @@ GOALS = {
     "startup_s": ("<=", 2.0),
     "score_ratio": (">=", 0.5),
     "disk_bytes_written_per_reading": ("<=", 256),
+    "disk_bytes_written_per_reading_at_1x": ("<=", 256),
 }
 
 

@@ -33,6 +33,7 @@ def test_bench_json_reports_every_stage():
                 "drain_iotcore_readings_per_s", "iotcore_raw_readings_per_s", "iotcore_scored_readings_per_s",
                 "iotcore_scored_outage_drain_min", "drain_iotcore_outage_drain_min",
                 "disk_bytes_written_per_reading", "wchar_per_reading", "stats_save_bytes",
+                "ingest_scored_ratio", "stats_save_bytes_per_reading_at_1x", "disk_bytes_written_per_reading_at_1x",
                 "keys_time_first_bytes_written_per_reading", "keys_meter_first_bytes_written_per_reading",
                 "model_rmsle_alone", "model_rmsle_online"):
         assert isinstance(result[key], (int, float)) and result[key] > 0, key
@@ -87,3 +88,11 @@ def test_model_figures_come_from_the_manifest(tmp_path):
 def test_bench_files_go_to_a_real_disk():
     with bench.disk_tempdir() as d:
         assert bench.filesystem_of(d) not in ("tmpfs", "ramfs")
+
+
+def test_real_time_estimate_spreads_one_save_over_the_readings_between_saves():
+    # A 10 s run of 100,000 readings wrote 20 MB, one 3 MB save of the statistics among them;
+    # at real time a save comes every 300 s of the fleet's readings (11,900), 250 bytes each.
+    result = {"gateway_seconds": 10.0, "gateway_readings": 100_000, "disk_bytes_written_per_reading": 200.0,
+              "stats_save_every_s": 300.0, "stats_save_bytes": 3_000_000, "stats_save_bytes_per_reading_at_1x": 250.0}
+    assert bench.at_real_time(result) == pytest.approx((20_000_000 - 3_000_000) / 100_000 + 250)
