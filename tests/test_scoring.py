@@ -313,3 +313,21 @@ def test_scored_message_carries_expected_score_flag_and_model(tmp_path, building
     assert body["model"] == holder.version and body["n"] == 3
     for meter, ts, value, expected, score, flag in body["readings"]:
         assert meter == "1433:electricity" and expected > 0 and score >= 0 and flag in (0, 1)
+
+
+def test_a_valid_but_huge_reading_is_delivered_raw_and_never_stops_delivery(tmp_path, buildings):
+    """A meter with no history reading ~1e305 twice overflowed expm1(expected) to inf; the scored
+    message then failed to encode and the forwarder died, on every restart."""
+    buf = Buffer(tmp_path / "buffer.db", live_window_ms=10**12,
+                 scorer=ReadingScorer(ModelHolder(MODEL), buildings))
+    huge = [Reading("15", "1433", "electricity", START_MS + i * MIN, v, "t") for i, v in enumerate((1e305, 1.7e308))]
+    normal = [Reading("15", "1434", "electricity", START_MS + i * MIN, 40.0, "t") for i in range(2)]
+    buf.put(huge + normal)
+    pub = MemoryPublisher()
+    Forwarder(buf, pub, "gw-1").drain()
+    raw = [r for m in pub.messages if m.topic.endswith("/raw") for r in decode(m.payload)["readings"]]
+    assert sorted((r[0], r[2]) for r in raw) == [("1433:electricity", 1e305), ("1433:electricity", 1.7e308)] + [
+        ("1434:electricity", 40.0)] * 2
+    scored = [r for _, r in scored_of(pub.messages)]
+    assert all(np.isfinite(r[3]) for r in scored) and {r[0] for r in scored} >= {"1434:electricity"}
+    assert buf.pending() == 0

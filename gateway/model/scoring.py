@@ -234,7 +234,8 @@ class ReadingScorer:
             keep = np.flatnonzero(ok)
             idx, ts, values, exp, score, flags = idx[keep], ts[keep], values[keep], exp[keep], score[keep], flags[keep]
             keys = [keys[j] for j in keep.tolist()]
-        exp_kwh = np.round(exp, 4).tolist()
+        with np.errstate(over="ignore", invalid="ignore"):  # rounding multiplies: keep huge values as they are
+            exp_kwh = np.where(np.abs(exp) < 1e12, np.round(exp, 4), exp).tolist()
         finite = np.isfinite(score)
         scores = np.round(np.where(finite, score, 0.0), 3).tolist()
         if not finite.all():
