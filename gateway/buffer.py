@@ -88,8 +88,8 @@ STAT_KEYS = (
     "undeliverable",     # messages quarantined by the forwarder
     "unscored",          # readings stored without scores (no metadata, scoring failed)
     "requeued",          # readings re-queued from the quarantine
+    "quarantine_dropped",  # oldest quarantine entries dropped to keep the quarantine in its share
 )
-_PROMISES = ("quarantined", "evicted_oldest", "rejected_newest")
 
 SELECT_ROWS = "SELECT ts, meter, value, expected, score, flag, model FROM readings"
 
@@ -299,6 +299,7 @@ class Buffer:
                 db.execute("DELETE FROM resend WHERE NOT EXISTS (SELECT 1 FROM readings r"
                            " WHERE r.ts = resend.ts AND r.meter = resend.meter)")
         self._resend_count = db.execute("SELECT count(*) FROM resend").fetchone()[0]
+        self._quarantine_bytes = q.total_bytes(db)
 
     def add_listener(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` (without arguments, from the putting thread) after every put that stored."""
@@ -309,10 +310,11 @@ class Buffer:
     def _memory(self) -> tuple:
         """Everything in memory that a transaction may change."""
         return (self.lanes.copy(), dict(self.stats), len(self.meters), len(self._source_ids),
-                len(self.models), self._resend_count, self._since_reclaim, self.budget.state())
+                len(self.models), self._resend_count, self._since_reclaim, self.budget.state(),
+                self._quarantine_bytes)
 
     def _restore(self, saved: tuple) -> None:
-        lanes, stats, n_meters, n_sources, n_models, resend, since, budget = saved
+        lanes, stats, n_meters, n_sources, n_models, resend, since, budget, self._quarantine_bytes = saved
         self.lanes.restore(lanes)
         self.stats = stats
         while len(self.meters) > n_meters:  # ids handed out inside the transaction
@@ -387,7 +389,7 @@ class Buffer:
                         duplicates = len(rows) - stored - len(conflicts)
                     if rows:
                         self._note_late(rows, lo_ts, conflicts)
-                    q.add(db, quarantine)
+                    self._quarantine(db, quarantine)
                     if source is not None:
                         db.execute("UPDATE sources SET position = ? WHERE id = ?",
                                    (json.dumps(position), self._source_id(source)))
@@ -553,6 +555,17 @@ class Buffer:
             self._resend_count += self.db.total_changes - before
 
     # ------------------------------------------------------------------ budget
+
+    def _quarantine(self, db: sqlite3.Connection, rows: list[tuple]) -> None:
+        """Add quarantine rows; keep the quarantine within its share of the budget (an eighth)."""
+        self._quarantine_bytes += q.add(db, rows)
+        share = self.budget.limit // 8 if self.budget_bytes else 0
+        if share and self._quarantine_bytes > share:
+            entries, gone = q.trim(db, self._quarantine_bytes - share // 2)
+            self._quarantine_bytes -= gone
+            self.stats["quarantine_dropped"] += entries
+            log.warning("%s: quarantine over its share of the budget: dropped its %d oldest entries",
+                        self.path, entries)
 
     def _make_room(self, rows: list[tuple], can_wait: bool) -> tuple[int, int, list[tuple]]:
         """Apply the budget policy, inside put's transaction, when the budget is used up.
@@ -774,8 +787,8 @@ class Buffer:
         """Record a message that can never be delivered (the forwarder's dead letters)."""
         with self._lock, self._atomic() as db:
             self.stats["undeliverable"] += 1
-            q.add(db, [(int(self.clock() * 1000), "message", reason, payload.decode("utf-8", "replace"),
-                        f"forwarder ({readings} readings)", topic)])
+            self._quarantine(db, [(int(self.clock() * 1000), "message", reason, payload.decode("utf-8", "replace"),
+                                   f"forwarder ({readings} readings)", topic)])
             self._set_state("stats", self.stats)
 
     def replay_quarantine(self, ids: Iterable[int] | None = None, kind: str | None = None) -> dict:
@@ -795,6 +808,7 @@ class Buffer:
                     continue
                 with self._atomic() as db:
                     db.execute("DELETE FROM quarantine WHERE id = ?", (entry["id"],))
+                    self._quarantine_bytes -= q.entry_bytes(tuple(entry[k] for k in q.COLUMNS[1:]))
                     if entry["kind"] == "message":
                         self.stats["undeliverable"] -= 1
                     else:

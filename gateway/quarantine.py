@@ -6,6 +6,10 @@ Two kinds live in the buffer's ``quarantine`` table:
 - ``message``: a message that can never be delivered as it is (a topic IoT Core refuses, a
   payload over 128 KB), with its payload and topic.
 
+The quarantine counts against the buffer's byte budget: it may take an eighth of it. Past that,
+its oldest entries are dropped, half its share at a time, and counted (``quarantine_dropped``), so
+a flood of bad input can never crowd out the readings.
+
 Nothing here is a dead end. :func:`replay` re-queues what now passes, after its cause is fixed:
 a message's readings go back into the buffer to be sent again, and a reading whose raw input
 parses as a reading and now passes the checks is stored. What still fails stays, with its
@@ -26,10 +30,43 @@ INSERT = "INSERT INTO quarantine(at, kind, reason, raw, source, location) VALUES
 REPLAY_SOURCE = "quarantine-replay"
 
 
-def add(db: sqlite3.Connection, rows: list[tuple]) -> None:
-    """Insert ``(at, kind, reason, raw, source, location)`` rows (inside the caller's transaction)."""
-    if rows:
-        db.executemany(INSERT, rows)
+#: What an entry costs beside its text (its id, time, kind and the B-tree's overhead).
+ENTRY_OVERHEAD = 32
+_SIZE = "sum(length(reason) + length(raw) + length(source) + length(location) + 32)"
+
+
+def entry_bytes(row: tuple) -> int:
+    """The bytes an ``(at, kind, reason, raw, source, location)`` row takes, about."""
+    return len(row[2]) + len(row[3]) + len(row[4]) + len(row[5]) + ENTRY_OVERHEAD
+
+
+def add(db: sqlite3.Connection, rows: list[tuple]) -> int:
+    """Insert ``(at, kind, reason, raw, source, location)`` rows (inside the caller's transaction);
+    returns the bytes they take."""
+    if not rows:
+        return 0
+    db.executemany(INSERT, rows)
+    return sum(map(entry_bytes, rows))
+
+
+def total_bytes(db: sqlite3.Connection) -> int:
+    return db.execute(f"SELECT coalesce({_SIZE}, 0) FROM quarantine").fetchone()[0]
+
+
+def trim(db: sqlite3.Connection, drop_bytes: int) -> tuple[int, int]:
+    """Delete the oldest entries until about ``drop_bytes`` are gone; returns (entries, bytes)."""
+    entries = gone = 0
+    for qid, size in db.execute(
+        "SELECT id, length(reason) + length(raw) + length(source) + length(location) + 32 FROM quarantine ORDER BY id"
+    ).fetchall():
+        if gone >= drop_bytes:
+            break
+        entries += 1
+        gone += size
+        last = qid
+    if entries:
+        db.execute("DELETE FROM quarantine WHERE id <= ?", (last,))
+    return entries, gone
 
 
 def listing(db: sqlite3.Connection, limit: int = 100, kind: str | None = None) -> list[dict]:

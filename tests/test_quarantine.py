@@ -56,3 +56,20 @@ def test_the_replay_command_says_what_it_did(tmp_path):
                              f"  kept #{nan_id}: value: nan is not finite\n")
     listed = CliRunner().invoke(main, ["quarantine", "--db", str(tmp_path / "b.db")])
     assert listed.exit_code == 0 and "value: nan is not finite" in listed.output
+
+
+def test_the_quarantine_keeps_to_its_share_of_the_budget_and_counts_what_it_drops(tmp_path):
+    from gateway.readings import Rejected
+
+    b = Buffer(tmp_path / "b.db", budget_bytes=1 << 20, policy="drop_oldest", live_window_ms=10**12)
+    flood = [Rejected("columns: 1 instead of 19", "x" * 1000, "replay", f"flood.csv:{i}") for i in range(2000)]
+    for i in range(0, len(flood), 100):
+        b.put([Reading("0", "1", "electricity", T0 + i * MIN, 1.0, "meter")], flood[i : i + 100])
+    share = b.budget.limit // 8
+    total = b.db.execute("SELECT sum(length(reason) + length(raw) + length(source) + length(location) + 32)"
+                         " FROM quarantine").fetchone()[0]
+    assert total <= share
+    st = b.status()
+    assert st["quarantine_dropped"] > 0 and st["quarantine"] + st["quarantine_dropped"] == 2000
+    assert st["quarantined"] == 2000 and st["stored"] == 20  # the readings were never crowded out
+    b.close()
