@@ -47,14 +47,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sqlite3
 import threading
 import time
-from collections import deque
 from contextlib import contextmanager
 from itertools import repeat
-from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol
 
@@ -64,16 +61,14 @@ from gateway.db import atomic, map_error, mapped
 from gateway.errors import BufferCorrupt, BufferError, BufferFull, DiskFull
 from gateway.lanes import BOTTOM, Claim, Key, Lane, Lanes
 from gateway.lock import BufferLock
-from gateway.readings import MAX_FUTURE_MS, MIN_TS_MS, Reading, Rejected, check
+from gateway.rates import Rate
+from gateway.readings import Reading, Rejected, check, check_batch
 from gateway.schema import MIGRATIONS, migrate
 
 __all__ = ["Buffer", "Claim", "MIGRATIONS", "POLICIES", "PutResult", "MeterInfo", "STAT_KEYS"]
 
 log = logging.getLogger(__name__)
 
-_KEY, _TS, _VALUE, _SOURCE = itemgetter(0, 1, 2), itemgetter(3), itemgetter(4), itemgetter(5)
-_INT, _NUMBER = {int}, {int, float}
-_BIG = float(1 << 1000)
 
 # Counters. Those a promise depends on (quarantined, evicted_oldest, rejected_newest) are saved
 # in the same transaction as the rows they count; the others with each ack and once a second.
@@ -282,8 +277,8 @@ class Buffer:
         self.lanes = Lanes(tuple(cursor), (tuple(live[0]), tuple(live[1])) if live else None)
         self._since_reclaim = 0
         self._stats_saved_at = 0
-        self._rate = _Rate()
-        self._delivery_rate = _Rate()
+        self._rate = Rate()
+        self._delivery_rate = Rate()
         if not self.readonly:
             # Resend entries that a lane will walk again anyway are dropped (they would go twice),
             # and so are those whose reading is gone.
@@ -411,7 +406,7 @@ class Buffer:
     def _rows(self, readings: list[Reading], now_ms: int, quarantine: list) -> tuple[list[tuple], int]:
         """(ts, meter id, value, source id) of the valid readings, and their lowest ts; the invalid
         ones are added to ``quarantine``."""
-        fast = self._fast_rows(readings, now_ms + MAX_FUTURE_MS)
+        fast = self._fast_rows(readings, now_ms)
         if fast is not None:
             return fast
         rows: list[tuple] = []
@@ -426,31 +421,20 @@ class Buffer:
                                    f"{r.source}@{r.ts!r}"[:256]))
         return rows, min((r[0] for r in rows), default=0)
 
-    def _fast_rows(self, readings: list[Reading], max_ts: int) -> tuple[list[tuple], int] | None:
-        """The rows of a batch in which every reading is valid, of a known meter, from one source,
-        checked with C-level passes; None when any of that fails (put then goes reading by
-        reading, and the same checks give each bad reading its reason)."""
+    def _fast_rows(self, readings: list[Reading], now_ms: int) -> tuple[list[tuple], int] | None:
+        """The rows of a batch in which every reading is valid, of a known meter, from one source;
+        None when any of that fails (put then goes reading by reading, and the same checks give
+        each bad reading its reason)."""
         if not readings:
             return [], 0
-        mids = list(map(self._meter_ids.get, map(_KEY, readings)))
+        cols = check_batch(readings, now_ms)
+        if cols is None:
+            return None
+        keys, ts, values, src = cols
+        mids = list(map(self._meter_ids.get, keys))
         if None in mids:
             return None
-        ts = list(map(_TS, readings))
-        if set(map(type, ts)) != _INT:
-            return None
-        lo, hi = min(ts), max(ts)
-        if lo < MIN_TS_MS or hi > max_ts:
-            return None
-        values = list(map(_VALUE, readings))
-        if not set(map(type, values)) <= _NUMBER or min(values) < 0 or max(values) >= _BIG:
-            return None  # a huge integer cannot become a float
-        if not math.isfinite(sum(values)):
-            return None  # a NaN or an infinity makes the sum non-finite
-        sources = set(map(_SOURCE, readings))
-        if len(sources) != 1:
-            return None
-        sid = self._source_id(sources.pop())
-        return list(zip(ts, mids, values, repeat(sid))), lo
+        return list(zip(ts, mids, values, repeat(self._source_id(src)))), min(ts)
 
     def _meter_id(self, site: str, building: str, meter: str) -> int:
         mid = self.db.execute(
@@ -918,24 +902,3 @@ class Buffer:
             finally:
                 self.db.close()
                 self._unlock()
-
-
-class _Rate:
-    """Readings per hour over the last few minutes of puts."""
-
-    def __init__(self, window_ms: int = 10 * 60 * 1000):
-        self.window_ms = window_ms
-        self.events: deque[tuple[int, int]] = deque()
-        self.total = 0
-
-    def add(self, now_ms: int, n: int) -> None:
-        self.events.append((now_ms, n))
-        self.total += n
-        while self.events and self.events[0][0] < now_ms - self.window_ms:
-            self.total -= self.events.popleft()[1]
-
-    def per_hour(self) -> float:
-        if len(self.events) < 2:
-            return 0.0
-        span = max(self.events[-1][0] - self.events[0][0], 1000)
-        return (self.total - self.events[0][1]) * 3_600_000 / span

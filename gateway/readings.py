@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from operator import itemgetter
 from typing import NamedTuple
 
 #: Meter types, in ASHRAE's code order (0 electricity, 1 chilled water, 2 steam, 3 hot water).
@@ -51,6 +52,30 @@ class Rejected(NamedTuple):
     raw: str
     source: str
     where: str  # e.g. "sample.csv.gz:767767" (file and line) or "simulator@1700000000000"
+
+
+_KEY, _TS, _VALUE, _SOURCE = itemgetter(0, 1, 2), itemgetter(3), itemgetter(4), itemgetter(5)
+_INT, _NUMBER = {int}, {int, float}
+_BIG = float(1 << 1000)
+
+
+def check_batch(readings: list[Reading], now_ms: int) -> tuple[list, list[int], list, str] | None:
+    """The columns of a batch in which every reading passes :func:`check` and all come from one
+    source: ``(meter keys (site, building, meter), ts, values, source)``, checked with C-level
+    passes; None when anything fails (check each reading then, for its reason). The meter type is
+    not checked here: a key the buffer does not know yet takes the reading-by-reading path."""
+    ts = list(map(_TS, readings))
+    if set(map(type, ts)) != _INT or min(ts) < MIN_TS_MS or max(ts) > now_ms + MAX_FUTURE_MS:
+        return None
+    values = list(map(_VALUE, readings))
+    if not set(map(type, values)) <= _NUMBER or min(values) < 0 or max(values) >= _BIG:
+        return None  # a huge integer cannot become a float
+    if not math.isfinite(sum(values)):
+        return None  # a NaN or an infinity makes the sum non-finite
+    sources = set(map(_SOURCE, readings))
+    if len(sources) != 1:
+        return None
+    return list(map(_KEY, readings)), ts, values, sources.pop()
 
 
 def check(reading: Reading, now_ms: int | None = None) -> str | None:
