@@ -525,3 +525,16 @@ def test_a_file_of_schema_version_1_upgrades_in_order(db_path):
     b.put([reading(2)])
     assert b.pending() == 1
     b.close()
+
+
+def test_new_readings_above_every_frontier_skip_the_per_row_late_check(buf, monkeypatch):
+    """The put shortcut: once something is claimed, a batch newer than every frontier must not pay
+    a per-row comparison (a line after the fast path overwrote its lowest ts with MIN_TS_MS)."""
+    buf.put(readings(100))
+    buf.ack(buf.claim(50))
+    calls = []
+    monkeypatch.setattr(buf.lanes, "is_late", lambda key: calls.append(key) or False)
+    buf.put(readings(100, start=100))
+    assert calls == []
+    buf.put([reading(10, meter="2")])  # a late reading does take the per-row path
+    assert calls == [(T0 + 10 * MIN, 2)]
