@@ -317,6 +317,29 @@ def score(input_path: str, output_path: str, model_dir: str | None, buildings_cs
             click.echo(f"  line {line}: {reason}", err=True)
 
 
+@main.group("buffer")
+def buffer_group() -> None:
+    """Look after buffer files."""
+
+
+@buffer_group.command("recover")
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("dst", type=click.Path(dir_okay=False))
+def buffer_recover(src: str, dst: str) -> None:
+    """Salvage every readable row of the damaged buffer SRC into the new buffer file DST, and
+    count per table what was saved and what was lost. SRC is only read; the gateway must be
+    stopped (this takes SRC's lock)."""
+    from gateway.recover import recover
+
+    try:
+        results = recover(src, dst)
+    except GatewayError as exc:
+        _fail(exc)
+    click.echo(f"recovered {src} into {dst}:")
+    for table in results:
+        click.echo(f"  {table}")
+
+
 @main.group()
 def model() -> None:
     """Train and check models."""

@@ -1,0 +1,405 @@
+"""``gateway buffer recover SRC DST``: salvage every readable row of a damaged buffer file.
+
+A damaged page in a buffer (a bad SD card sector, a torn write) makes every query that reaches
+it fail with "database disk image is malformed". :func:`recover` copies what can still be read
+into a new buffer file, so that one bad page loses only its own rows:
+
+1. It refuses when DST exists, and while a gateway holds SRC's lock (:mod:`gateway.lock`); it
+   holds both locks while it works, so no gateway starts on either file meanwhile. SRC is only
+   ever read (``mode=ro``).
+2. DST is made by opening ``Buffer(DST)``: the same schema and recorded migrations as a
+   gateway's. Tables SRC has beyond those (the scorer's ``meter_stats``) are created from
+   SRC's own SQL.
+3. Each table is walked in primary-key order (its rowid, or the key of a ``WITHOUT ROWID``
+   table) in chunks. A chunk that fails is read again in smaller chunks, down to one row; when
+   the next row itself cannot be read, the walk seeks past the damage: it bisects the key
+   space for the first key a B-tree seek can reach again (integer keys, column by column), or,
+   for a text key, reads the table from its end down to the damage.
+4. What cannot be used is dropped and counted: a ``state`` value that is not JSON, a reading
+   whose meter was lost, a ``resend`` entry whose reading was lost. A source position that is
+   not JSON is reset (the source reads again from its start; the buffer ignores duplicates).
+
+The rows of an unreadable page cannot be counted from the page itself. SQLite's ``dbstat``
+table lists each B-tree's pages with their cell counts and marks the unreadable ones, so the
+loss is the readable rows the walk could not reach (exact) plus, for each unreadable page, the
+table's average rows per page (an estimate, and said so).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import quote
+
+from gateway.buffer import MIGRATIONS, Buffer
+from gateway.errors import BufferCorrupt, BufferError, SchemaError
+from gateway.lock import BufferLock
+
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 63) - 1
+_CHUNK = 512
+_DAMAGE = ("SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_IOERR")
+
+
+@dataclass
+class TableResult:
+    """What became of one table: rows saved into DST, and rows lost with why."""
+
+    name: str
+    saved: int = 0
+    lost: int = 0                 # counted exactly: dropped rows, readable rows out of reach
+    bad_pages: int = 0            # unreadable pages of the table's B-tree
+    estimated: int = 0            # rows thought to be on those pages (average per page)
+    known_pages: bool = True      # False when this SQLite has no dbstat: bad pages unknown
+    notes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_lost(self) -> int:
+        return self.lost + self.estimated
+
+    def __str__(self) -> str:
+        lost = f"{self.total_lost:,}"
+        if self.estimated:
+            lost = f"about {lost}"
+        elif not self.known_pages:
+            lost = f"at least {lost}"
+        notes = [f"{n:,} {why}" for why, n in self.notes.items() if n]
+        if self.bad_pages:
+            notes.insert(0, f"{self.bad_pages:,} unreadable page{'s' if self.bad_pages != 1 else ''}")
+        return f"{self.name}: {self.saved:,} saved, {lost} lost" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def recover(src: str | Path, dst: str | Path) -> list[TableResult]:
+    """Copy every readable row of the buffer ``src`` into a new buffer file ``dst``.
+
+    Returns one :class:`TableResult` per table of ``src`` (its ``migrations`` are DST's own).
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise BufferError(f"{src}: no buffer here")
+    if dst.exists() or Path(f"{dst}-wal").exists():
+        raise BufferError(f"{dst}: already exists; recover writes a new buffer file: give a path that does not exist")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with BufferLock(src), BufferLock(dst):
+        source = _open_source(src)
+        try:
+            return _recover(source, src, dst)
+        except BaseException:
+            for leftover in (dst, Path(f"{dst}-wal"), Path(f"{dst}-shm")):  # no half-made buffer stays
+                leftover.unlink(missing_ok=True)
+            raise
+        finally:
+            source.close()
+
+
+def _open_source(src: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(f"file:{quote(str(src.resolve()))}?mode=ro", uri=True, isolation_level=None)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise BufferCorrupt(f"{src}: cannot read its schema ({exc}): nothing in it can be recovered") from exc
+    return db
+
+
+def _recover(source: sqlite3.Connection, src: Path, dst: Path) -> list[TableResult]:
+    known = max(v for v, _, _ in MIGRATIONS)
+    try:
+        newest = source.execute("SELECT max(version) FROM migrations").fetchone()[0]
+    except sqlite3.DatabaseError:
+        newest = None  # no readable record: the tables are copied by name all the same
+    if newest is not None and newest > known:
+        raise SchemaError(f"{src}: schema version {newest} is newer than this gateway knows ({known}); "
+                          "recover it with a newer gateway")
+    tables = [(name, sql) for name, sql in source.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        " AND name != 'migrations' ORDER BY rowid")]
+    indexes = [sql for (sql,) in source.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")]
+    Buffer(dst).close()  # the schema and migrations, exactly as a gateway makes them
+    out = sqlite3.connect(str(dst), isolation_level=None)
+    try:
+        out.execute("PRAGMA synchronous=NORMAL")
+        have = {n for (n,) in out.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for name, sql in tables:
+            if name not in have:
+                out.execute(sql)
+        for sql in indexes:
+            out.execute(re.sub(r"^CREATE (UNIQUE )?INDEX ", r"CREATE \1INDEX IF NOT EXISTS ", sql))
+        pages = _pages(source)
+        order = sorted(tables, key=lambda t: t[0] != "meters")  # meters first: readings need them
+        results = {name: _copy_table(source, out, name, sql) for name, sql in order}
+        _drop_orphans(out, results)
+        for name, sql in tables:
+            _account(results[name], pages, _without_rowid(sql))
+        out.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        out.close()
+    return [results[name] for name, _ in tables]
+
+
+def _without_rowid(sql: str) -> bool:
+    return re.search(r"\)\s*WITHOUT\s+ROWID\s*$", sql, re.IGNORECASE) is not None
+
+
+def _q(name: str) -> str:
+    """``name`` quoted as an SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _damage(exc: sqlite3.DatabaseError) -> bool:
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith(_DAMAGE) or "malformed" in str(exc)
+
+
+# ---------------------------------------------------------------- the walk
+
+
+class _Table:
+    """One table of the source: its key columns, and SQL that reads it by key."""
+
+    def __init__(self, db: sqlite3.Connection, name: str):
+        self.db = db
+        self.name = name
+        info = db.execute(f"PRAGMA table_info({_q(name)})").fetchall()  # cid, name, type, notnull, default, pk
+        self.columns = [r[1] for r in info]
+        sql = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (name,)).fetchone()[0]
+        if _without_rowid(sql):  # the primary key is the B-tree's key
+            pk = sorted((r[5], r[1], r[2]) for r in info if r[5])
+            self.key = [_q(n) for _, n, _ in pk]
+            self.int_key = [t.upper() == "INTEGER" for _, _, t in pk]
+        else:  # the rowid (an INTEGER PRIMARY KEY is the rowid itself)
+            self.key, self.int_key = ["rowid"], [True]
+        self._select = f'SELECT {", ".join(self.key)}, {", ".join(map(_q, self.columns))} FROM {_q(name)}'
+        self._order = ", ".join(self.key)
+        self._order_desc = ", ".join(f"{k} DESC" for k in self.key)
+
+    def _where(self, key: tuple, op: str) -> str:
+        n = len(key)
+        return f' WHERE ({", ".join(self.key[:n])}) {op} ({", ".join("?" * n)})'
+
+    def rows_after(self, key: tuple | None, inclusive: bool, limit: int) -> list[tuple]:
+        where = "" if key is None else self._where(key, ">=" if inclusive else ">")
+        return self.db.execute(f"{self._select}{where} ORDER BY {self._order} LIMIT ?",
+                               (*(key or ()), limit)).fetchall()
+
+    def rows_before_end(self, key: tuple | None, limit: int, below: tuple | None) -> list[tuple]:
+        """Rows above ``key``, from the end of the table down (``below``: only under this key)."""
+        where, args = ("", ()) if key is None else (self._where(key, ">"), key)
+        if below is not None:
+            where += (" AND" if where else " WHERE") + self._where(below, "<")[6:]
+            args += below
+        return self.db.execute(f"{self._select}{where} ORDER BY {self._order_desc} LIMIT ?",
+                               (*args, limit)).fetchall()
+
+    def seeks(self, prefix: tuple) -> bool:
+        """Whether a B-tree seek to ``prefix`` (and one step on) reads without an error."""
+        try:
+            self.db.execute(f"SELECT {self._order} FROM {_q(self.name)}{self._where(prefix, '>=')}"
+                            f" ORDER BY {self._order} LIMIT 1", prefix).fetchall()
+            return True
+        except sqlite3.DatabaseError as exc:
+            if not _damage(exc):
+                raise
+            return False
+
+
+def _walk(t: _Table) -> Iterator[list[tuple]]:
+    """Chunks of (key..., columns...) rows in key order, every readable one reached."""
+    key: tuple | None = None
+    inclusive = False
+    chunk = _CHUNK
+    while True:
+        try:
+            rows = t.rows_after(key, inclusive, chunk)
+        except sqlite3.DatabaseError as exc:
+            if not _damage(exc):
+                raise
+            if chunk > 1:
+                chunk = max(chunk // 8, 1)
+                continue
+            # The next row cannot be read: find where a seek reads again, and take the rows a
+            # walk down from there reaches (in an index B-tree, the divider above the bad page).
+            resume = _bisect_key(t, key) if all(t.int_key) else None
+            below = _down_to_damage(t, key, resume)
+            if below:
+                yield below[::-1]
+            if resume is None:
+                return
+            key, inclusive, chunk = resume, True, _CHUNK
+            continue
+        if not rows:
+            return
+        yield rows
+        key, inclusive = tuple(rows[-1][: len(t.key)]), False
+        chunk = min(chunk * 2, _CHUNK)
+
+
+def _bisect_key(t: _Table, last: tuple | None) -> tuple | None:
+    """The first key after ``last`` that a seek reads again (or None): a bisection of the
+    integer key space, column by column."""
+    n = len(t.key)
+    lo_first = last[0] if last is not None else _INT_MIN
+    v = _first_true(lambda x: t.seeks((x,)), lo_first, _INT_MAX)
+    if v is None:
+        return None
+    prefix: tuple = (v,)
+    # The damage may end inside the previous value of the first column: look one column deeper.
+    if n > 1 and v - 1 >= lo_first:
+        lo = last[1] if last is not None and v - 1 == last[0] else _INT_MIN
+        w = _first_true(lambda x: t.seeks((v - 1, x)), lo, _INT_MAX)
+        if w is not None and w != _INT_MAX:
+            prefix = (v - 1, w)
+    try:
+        row = t.rows_after(prefix, True, 1)
+    except sqlite3.DatabaseError as exc:
+        if not _damage(exc):
+            raise
+        return None
+    return tuple(row[0][:n]) if row else None
+
+
+def _first_true(ok: Callable[[int], bool], lo: int, hi: int) -> int | None:
+    """The least x in (lo, hi] with ok(x), assuming ok is false then true; None if not ok(hi)."""
+    if lo >= hi or not ok(hi):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _down_to_damage(t: _Table, last: tuple | None, below: tuple | None) -> list[tuple]:
+    """The rows above ``last`` and under ``below`` (None: the table's end), read downwards
+    until the damage: highest first."""
+    got: list[tuple] = []
+    chunk = _CHUNK
+    while True:
+        try:
+            rows = t.rows_before_end(last, chunk, below)
+        except sqlite3.DatabaseError as exc:
+            if not _damage(exc):
+                raise
+            if chunk > 1:
+                chunk = max(chunk // 8, 1)
+                continue
+            return got
+        if not rows:
+            return got
+        got.extend(rows)
+        below = tuple(rows[-1][: len(t.key)])
+
+
+# ---------------------------------------------------------------- copying
+
+
+def _copy_table(source: sqlite3.Connection, out: sqlite3.Connection, name: str, sql: str) -> TableResult:
+    t = _Table(source, name)
+    result = TableResult(name)
+    dst_cols = {r[1] for r in out.execute(f"PRAGMA table_info({_q(name)})")}
+    cols = [c for c in t.columns if c in dst_cols]
+    pick = [len(t.key) + t.columns.index(c) for c in cols]
+    fix = _fixer(name, cols, result)
+    insert = f'INSERT OR REPLACE INTO {_q(name)}({", ".join(map(_q, cols))}) VALUES({", ".join("?" * len(cols))})'
+    out.execute("BEGIN IMMEDIATE")
+    try:
+        for rows in _walk(t):
+            values = [fix(tuple(r[i] for i in pick)) for r in rows]
+            values = [v for v in values if v is not None]
+            out.executemany(insert, values)
+            result.saved += len(values)
+        out.execute("COMMIT")
+    except BaseException:
+        out.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _fixer(name: str, cols: list[str], result: TableResult) -> Callable[[tuple], tuple | None]:
+    """What to do with a row that was read but cannot be used as it is."""
+
+    def json_at(i: int) -> bool:
+        def ok(row: tuple) -> bool:
+            try:
+                json.loads(row[i])
+                return True
+            except (TypeError, ValueError):
+                return False
+        return ok
+
+    if name == "state" and "value" in cols:
+        valid = json_at(cols.index("value"))
+
+        def drop_bad_state(row: tuple) -> tuple | None:
+            if valid(row):
+                return row
+            result.lost += 1
+            result.notes["not JSON"] = result.notes.get("not JSON", 0) + 1
+            return None
+        return drop_bad_state
+    if name == "sources" and "position" in cols:
+        i = cols.index("position")
+        valid = json_at(i)
+
+        def reset_bad_position(row: tuple) -> tuple:
+            if row[i] is None or valid(row):
+                return row
+            result.notes["positions reset"] = result.notes.get("positions reset", 0) + 1
+            return row[:i] + (None,) + row[i + 1:]
+        return reset_bad_position
+    return lambda row: row
+
+
+def _drop_orphans(out: sqlite3.Connection, results: dict[str, TableResult]) -> None:
+    """Readings whose meter was lost cannot be sent; resend entries whose reading was lost
+    would be pending forever: both go, counted."""
+    drops = [
+        ("readings", "of a lost meter", "DELETE FROM readings WHERE meter NOT IN (SELECT id FROM meters)"),
+        ("resend", "of a lost reading", "DELETE FROM resend WHERE NOT EXISTS (SELECT 1 FROM readings r"
+                                        " WHERE r.ts = resend.ts AND r.meter = resend.meter)"),
+    ]
+    for table, why, sql in drops:
+        if table not in results or "meters" not in results:
+            continue
+        before = out.total_changes
+        out.execute(sql)
+        n = out.total_changes - before
+        if n:
+            results[table].saved -= n
+            results[table].lost += n
+            results[table].notes[why] = n
+
+
+def _pages(source: sqlite3.Connection) -> dict[str, list[tuple[str, int]]] | None:
+    """Each B-tree's pages as (page type, cells), from dbstat; None if this SQLite has none."""
+    try:
+        rows = source.execute("SELECT name, pagetype, ncell FROM dbstat").fetchall()
+    except sqlite3.DatabaseError:
+        return None
+    pages: dict[str, list[tuple[str, int]]] = {}
+    for name, kind, ncell in rows:
+        pages.setdefault(name, []).append((kind, ncell))
+    return pages
+
+
+def _account(result: TableResult, pages: dict | None, without_rowid: bool) -> None:
+    """Add to ``result`` the rows out of reach and those of the unreadable pages."""
+    if pages is None:
+        result.known_pages = False
+        return
+    mine = pages.get(result.name, [])
+    # In a rowid table only leaves hold rows; in a WITHOUT ROWID one, interior cells are rows too.
+    holds = ("leaf", "internal") if without_rowid else ("leaf",)
+    readable = sum(n for kind, n in mine if kind in holds)
+    read = result.saved + result.lost  # every row the walk read (dropped ones included)
+    result.lost += max(readable - read, 0)
+    result.bad_pages = sum(1 for kind, _ in mine if kind == "corrupted")
+    leaves = [n for kind, n in mine if kind == "leaf"]
+    if result.bad_pages and leaves:
+        result.estimated = round(result.bad_pages * sum(leaves) / len(leaves))
