@@ -16,14 +16,13 @@ import io
 import json
 from pathlib import Path
 
-from gateway.sources.replay import local_to_utc_ms
-from gateway.sites import UTC_OFFSET_HOURS
+from gateway.sites import UTC_OFFSET_HOURS, local_to_utc_ms
+from gateway.sources.weather import WEATHER_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "data" / "sample" / "readings.csv.gz"
 TARGET = REPO / "data" / "sample" / "weather_2016.json.gz"
-FIELDS = ("air_temperature", "cloud_coverage", "dew_temperature", "precip_depth_1_hr",
-          "sea_level_pressure", "wind_direction", "wind_speed")
+FIELDS = WEATHER_FIELDS
 
 
 def main() -> None:

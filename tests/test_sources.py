@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gateway import ashrae
 from gateway.errors import ConfigError
 from gateway.readings import METER_TYPES, Reading, Rejected
 from gateway.sources import Batch, Source
-from gateway.sources.replay import ReplaySource, local_to_utc_ms
+from gateway.sites import local_to_utc_ms
+from gateway.sources.replay import ReplaySource
 from gateway.sources.simulator import ASHRAE_METER_COUNTS, Label, SimulatorSource
 from gateway.sources.weather import WEATHER_FIELDS, LatestWeather, WeatherReplay
 
@@ -200,14 +202,30 @@ def test_bad_rows_are_rejected_with_a_reason_and_reading_goes_on(tmp_path, bad, 
     assert [r.value for r in readings] == [1.0, 2.0]
     assert rejected == [Rejected(reason, bad, "bad", "bad.csv:3")]
     assert batches[-1].position == 3
+    # The columnar face (training, gateway score) shares the row parser: same verdict, same words.
+    table = ashrae.read(path)
+    assert (table.meter_reading.tolist(), table.rejected) == ([1.0, 2.0], [(3, reason)])
 
 
-def test_values_are_parsed_not_validated(tmp_path):
-    """NaN and negative values are validate()'s business downstream, not the reader's."""
-    path = write_csv(tmp_path / "v.csv", [row(value="nan"), row(value="-4.5")])
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (row(value="nan"), "value: nan is not finite"),
+        (row(value="inf"), "value: inf is not finite"),
+        (row(value="-4.5"), "value: -4.5 is negative"),
+        (row(ts="1999-12-31 12:00:00"), "ts: 946659600000 is before 2000-01-01 (seconds instead of milliseconds?)"),
+        (row(ts="2099-01-01 00:00:00"), "ts: 4070926800000 is more than 24 h in the future"),
+    ],
+    ids=["nan", "inf", "negative", "before-2000", "future"],
+)
+def test_the_source_checks_what_it_parses_and_quarantines_with_file_and_line(tmp_path, bad, reason):
+    """A parsed row that readings.check refuses is rejected by the source itself, with its raw
+    line and file:line (not by the buffer's net, as source@ts with a tuple)."""
+    path = write_csv(tmp_path / "v.csv", [row(value="1.0"), bad, row(value="2.0")])
     readings, rejected = flat(run(ReplaySource("v", path)))
-    assert math.isnan(readings[0].value) and readings[1].value == -4.5
-    assert rejected == []
+    assert [r.value for r in readings] == [1.0, 2.0]
+    assert rejected == [Rejected(reason, bad, "v", "v.csv:3")]
+    assert ashrae.read(path).rejected == [(3, reason)]
 
 
 def test_a_file_without_the_required_columns_is_a_config_error(tmp_path):
@@ -335,12 +353,12 @@ def test_replay_json_array(tmp_path):
         Reading("9", "997", "steam", JAN1_2016 + 3 * HOUR, 2.0, "j"),
     ]
     assert [(r.reason, r.where) for r in rejected] == [
-        ("meter: 9 is not a meter code 0..3", "readings.json[2]"),
-        ("meter_reading: empty", "readings.json[3]"),
-        ("message: not a JSON object", "readings.json[4]"),
-        ("timestamp: 'yesterday' is not a valid YYYY-MM-DD HH:MM:SS", "readings.json[6]"),
-        ("timestamp: missing", "readings.json[7]"),
-        ("meter_reading: 'x' is not a number", "readings.json[8]"),
+        ("meter: 9 is not a meter code 0..3", "readings.json:1[2]"),
+        ("meter_reading: empty", "readings.json:1[3]"),
+        ("message: not a JSON object", "readings.json:1[4]"),
+        ("timestamp: 'yesterday' is not a valid YYYY-MM-DD HH:MM:SS", "readings.json:1[6]"),
+        ("timestamp: missing", "readings.json:1[7]"),
+        ("meter_reading: 'x' is not a number", "readings.json:1[8]"),
     ]
     assert json.loads(rejected[0].raw) == _messages()[2]
     assert [b.position for b in batches] == [4, 8, 10]
@@ -357,13 +375,25 @@ def test_replay_json_resumes_from_every_position(tmp_path):
         assert rejected == [i for i in rest if isinstance(i, Rejected)]
 
 
-def test_a_broken_json_file_is_quarantined_not_fatal(tmp_path):
-    path = tmp_path / "cut.json"
-    path.write_text(json.dumps(_messages())[:-40])
-    batches = run(ReplaySource("j", path), 0)
-    assert len(batches) == 1 and batches[0].readings == [] and batches[0].position == 0
-    assert batches[0].rejected[0].reason.startswith("json: ")
-    assert batches[0].rejected[0].where == "cut.json"
+def test_a_json_file_cut_short_gives_what_precedes_the_cut_and_stops_before_it(tmp_path):
+    text = json.dumps(_messages(), indent=1)
+    whole = run(ReplaySource("j", _write(tmp_path / "cut.json", text)))
+    path = _write(tmp_path / "cut.json", text[:-40])  # the last message (index 9) is cut short
+    batches = run(ReplaySource("j", path, batch_size=100), 0)
+    readings, rejected = flat(batches)
+    assert readings == flat(whole)[0][:3] and rejected[:-1] == flat(whole)[1]
+    cut_line = text.count("\n", 0, text.rindex("{")) + 1
+    assert (rejected[-1].reason, rejected[-1].where) == ("json: the array is cut short", f"cut.json:{cut_line}[9]")
+    assert batches[-1].position == 9  # the position stays before the cut ...
+    again = run(ReplaySource("j", path), 9)  # ... so a restart meets it again, and does not die
+    assert [([r.reason for r in b.rejected], b.readings, b.position) for b in again] == [(["json: the array is cut short"], [], 9)]
+    _write(path, text)  # and once the file is whole, it reads on from there
+    assert flat(run(ReplaySource("j", path), 9))[0] == flat(whole)[0][3:]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 def test_json_pacing_follows_utc_timestamps(tmp_path, no_sleep):

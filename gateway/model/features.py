@@ -19,6 +19,7 @@ import numpy as np
 
 from gateway.errors import ModelError
 from gateway.sites import COUNTRY, UTC_OFFSET_HOURS
+from gateway.sources.weather import WEATHER_FIELDS
 
 #: ASHRAE primary uses; a building's code is its index here (unknown → NaN). Append only.
 PRIMARY_USES: tuple[str, ...] = (
@@ -41,18 +42,9 @@ PRIMARY_USES: tuple[str, ...] = (
 )
 PRIMARY_USE_CODE: dict[str, int] = {name: code for code, name in enumerate(PRIMARY_USES)}
 
-#: Weather inputs, named as in the ASHRAE CSV and the weather feed's messages.
-WEATHER_FIELDS: tuple[str, ...] = (
-    "air_temperature",
-    "dew_temperature",
-    "cloud_coverage",
-    "precip_depth_1_hr",
-    "sea_level_pressure",
-    "wind_direction",
-    "wind_speed",
-)
-
-#: The model's inputs, in column order. The ONNX metadata must list exactly these.
+#: The model's inputs, in column order. The ONNX metadata must list exactly these. The weather
+#: inputs are the feed's :data:`~gateway.sources.weather.WEATHER_FIELDS`, in the order the
+#: shipped models were trained with (not the feed's).
 FEATURE_NAMES: tuple[str, ...] = (
     "meter",
     "site_id",
@@ -60,7 +52,13 @@ FEATURE_NAMES: tuple[str, ...] = (
     "log_square_feet",
     "year_built",
     "floor_count",
-    *WEATHER_FIELDS,
+    "air_temperature",
+    "dew_temperature",
+    "cloud_coverage",
+    "precip_depth_1_hr",
+    "sea_level_pressure",
+    "wind_direction",
+    "wind_speed",
     "hour",
     "weekday",
     "month",
@@ -185,19 +183,6 @@ def utc_offset_ms(site_ids: np.ndarray) -> np.ndarray:
     out = np.full(site_ids.shape, np.nan)
     out[ok] = _SITE_OFFSET_MS[site_ids[ok]]
     return out
-
-
-def local_to_utc_ms(site_ids: np.ndarray, local_timestamps) -> np.ndarray:
-    """ASHRAE local ``YYYY-MM-DD HH:MM:SS`` strings (or datetime64) → UTC epoch ms (int64)."""
-    local = np.asarray(local_timestamps)
-    if local.dtype.kind != "M":
-        local = local.astype("datetime64[ms]")
-    local_ms = local.astype("datetime64[ms]").astype(np.int64)
-    offset = utc_offset_ms(site_ids)
-    if np.isnan(offset).any():
-        bad = np.unique(np.asarray(site_ids)[np.isnan(offset)])
-        raise ModelError(f"no UTC offset for site(s) {bad.tolist()}")
-    return local_ms - offset.astype(np.int64)
 
 
 @lru_cache(maxsize=256)

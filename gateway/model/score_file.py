@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gateway import ashrae
 from gateway.errors import ModelError
-from gateway.model import ashrae
 from gateway.model.features import Buildings, featurize
 from gateway.model.online import MeterStats
 from gateway.model.scorer import Scorer

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gateway import ashrae
 from gateway.errors import ModelError
-from gateway.model import ashrae
 from gateway.model.evaluate import anomaly_auc, naive_baseline, plain_window_baseline, rmsle, run_online
-from gateway.model.features import FEATURE_INDEX, FEATURE_NAMES, Buildings, featurize, local_to_utc_ms
+from gateway.model.features import FEATURE_INDEX, FEATURE_NAMES, Buildings, featurize
+from gateway.sites import UTC_OFFSET_HOURS, local_to_utc_ms
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ DEFAULT_ROUNDS = 200
 #: them, and also reports RMSLE without them). 72 h, whatever the cadence of the readings.
 ZERO_STRETCH_HOURS = 72.0
 #: ASHRAE's known site-0 electricity gap: zeros until 2016-05-20 (local), also left out of training.
-SITE0_GAP_END_LOCAL = np.datetime64("2016-05-21T00:00", "ms")
+SITE0_GAP_END_LOCAL = "2016-05-21 00:00:00"
 #: Integer codes LightGBM splits as categories (onnxmltools converts these splits; parity is checked).
 CATEGORICAL: tuple[str, ...] = ("site_id", "primary_use")
 
@@ -85,7 +86,7 @@ def known_bad_zeros(table) -> np.ndarray:
     run = np.cumsum(np.isin(np.arange(len(z)), start)) - 1
     span_h = (np.maximum.reduceat(t, start) - np.minimum.reduceat(t, start))[run] / 3_600_000
     out[order] = z & (span_h >= ZERO_STRETCH_HOURS)
-    gap_end = local_to_utc_ms(np.zeros(1, dtype=np.int64), np.array([SITE0_GAP_END_LOCAL]))[0]
+    gap_end = local_to_utc_ms(SITE0_GAP_END_LOCAL, UTC_OFFSET_HOURS["0"])
     site = np.asarray(table.site_id)
     out |= (site == 0) & (np.asarray(table.meter) == 0) & (y == 0) & (ts < gap_end)
     return out

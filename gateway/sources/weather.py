@@ -26,7 +26,8 @@ import numpy as np
 
 __all__ = ["WEATHER_FIELDS", "WeatherReplay", "LatestWeather", "DEFAULT_MAX_AGE_MS"]
 
-#: The weather fields of a message, in the feed's order.
+#: The weather fields of a message, in the feed's order. The one list of them: the ASHRAE readings'
+#: weather columns (:mod:`gateway.ashrae`) and the model's weather features are these.
 WEATHER_FIELDS: tuple[str, ...] = (
     "air_temperature",
     "cloud_coverage",
