@@ -177,10 +177,10 @@ def rows(
         for text in it_lines:
             n += 1
             first = n
+            text = text.rstrip("\r\n")
             if len(text) > MAX_LINE:
                 yield first, n, text, None, f"line: {len(text):,} characters, more than {MAX_LINE:,}"
                 continue
-            text = text.rstrip("\r\n")
             if not text:
                 continue
             if '"' in text:

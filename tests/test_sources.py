@@ -235,6 +235,114 @@ def test_a_file_without_the_required_columns_is_a_config_error(tmp_path):
         run(ReplaySource("x", path))
 
 
+# -- replay: input that must never kill a source ------------------------------------------------
+
+
+def replay_all(source: ReplaySource) -> tuple[list[Reading], list[Rejected]]:
+    """Read ``source`` to its end, then restart it from every committed position: no restart may
+    raise, and each gives exactly the rest. Returns what the first full read gave."""
+    batches = run(source)
+    readings, rejected = flat(batches)
+    items = [(b.position, b.readings + b.rejected) for b in batches]
+    for k, (position, _) in enumerate(items):
+        rest = [i for _, chunk in items[k + 1 :] for i in chunk]
+        again = run(ReplaySource(source.name, source.path, batch_size=source.batch_size), position)
+        assert [i for b in again for i in b.readings + b.rejected] == rest
+    return readings, rejected
+
+
+def test_a_10_mb_line_is_rejected_cut_to_1_kb_and_its_batch_survives(tmp_path):
+    huge = row(tail="Education," + "9" * 10_000_000)
+    good = [row(value=f"{k}.5", ts=f"2016-01-01 0{k}:00:00") for k in range(6)]
+    path = write_csv(tmp_path / "big.csv.gz", [*good[:3], huge, *good[3:]])
+    readings, rejected = replay_all(ReplaySource("r", path, batch_size=5))
+    assert [r.value for r in readings] == [0.5, 1.5, 2.5, 3.5, 4.5, 5.5]  # the good rows of its batch too
+    reason = f"line: {len(huge):,} characters, more than 131,072"
+    assert [(r.reason, r.where) for r in rejected] == [(reason, "big.csv.gz:5")]
+    assert rejected[0].raw == huge[:1024] + f"… [truncated: {len(huge):,} characters]"
+
+
+def test_a_quoted_field_over_csv_s_field_limit_is_rejected_and_reading_goes_on(tmp_path):
+    field = "\n".join(["x" * 1000] * 200)  # 200 kB in one quoted field over 200 lines: csv.Error
+    bad = row(tail=f'"{field}",' + TAIL.split(",", 1)[1])
+    path = write_csv(tmp_path / "q.csv", [row(value="1.0"), bad, row(value="2.0")])
+    readings, rejected = replay_all(ReplaySource("q", path, batch_size=2))
+    assert [r.value for r in readings] == [1.0, 2.0]
+    assert (rejected[0].reason, rejected[0].where) == ("csv: field larger than field limit (131072)", "q.csv:3")
+    assert len(rejected[0].raw) < 1100
+    # The rest of the broken field is rejected line by line; nothing of it becomes a reading.
+    assert all(r.reason.startswith("columns: ") for r in rejected[1:])
+
+
+def test_a_gzip_file_cut_short_gives_its_rows_and_stops_before_the_cut(tmp_path):
+    whole = write_csv(tmp_path / "w.csv.gz", [row(building=str(k), value=f"{k}.0") for k in range(3000)])
+    path = tmp_path / "cut.csv.gz"
+    path.write_bytes(whole.read_bytes()[:-500])
+    batches = run(ReplaySource("c", path, batch_size=1000))
+    readings, rejected = flat(batches)
+    n = batches[-1].position
+    assert 0 < n < 3000 and [r.value for r in readings] == [float(k) for k in range(n)]
+    assert [(r.reason, r.where) for r in rejected] == [
+        ("file: Compressed file ended before the end-of-stream marker was reached", f"cut.csv.gz:{n + 2}")
+    ]
+    again = run(ReplaySource("c", path), n)  # a restart meets the cut again, and does not die
+    assert [(b.readings, [r.reason for r in b.rejected], b.position) for b in again] == [([], [rejected[0].reason], n)]
+
+
+def write_json_lines(path: Path, messages: list[str]) -> Path:
+    """A JSON array written one message per line, as text (so it may hold what json.dumps cannot)."""
+    path.write_text("[\n" + ",\n".join(messages) + "\n]\n", encoding="utf-8")
+    return path
+
+
+def msg(value: str = "1.0", ts: str = str(JAN1_2016), building: str = "1433") -> str:
+    return f'{{"building_id": {building}, "meter": 0, "site_id": 15, "timestamp": {ts}, "meter_reading": {value}}}'
+
+
+BIG = "9" * 400  # a 400-digit integer: float() raises OverflowError on it
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (msg(value=BIG), f"meter_reading: {BIG[:20]}… [400 characters] is too large for a number"),
+        (msg(ts=BIG), f"timestamp: {BIG[:20]}… [400 characters] is out of range"),
+        (msg(building=BIG), f"building_id: {BIG[:20]}… [400 characters] is not an integer"),
+        ("[" * 100_000 + "]" * 100_000, "json: nested too deeply to decode"),  # RecursionError
+        (msg(value="9" * 5000), "json: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits; use sys.set_int_max_str_digits() to increase the limit"),
+        ('{"building_id": 1433,, "meter": 0}', "json: Expecting property name enclosed in double quotes at line 3"),
+        (msg(value="-2.5"), "value: -2.5 is negative"),
+        (msg(value="NaN"), "value: nan is not finite"),
+    ],
+    ids=["400-digit-value", "400-digit-ts", "400-digit-building", "nested-100000", "5000-digit-int", "syntax",
+         "negative", "nan"],
+)
+def test_a_json_message_that_cannot_be_a_reading_costs_only_itself(tmp_path, bad, reason):
+    good = [msg(value=f"{k}.5", ts=str(JAN1_2016 + k * HOUR)) for k in range(4)]
+    path = write_json_lines(tmp_path / "r.json", [*good[:1], bad, *good[1:]])
+    readings, rejected = replay_all(ReplaySource("j", path, batch_size=2))
+    assert [r.value for r in readings] == [0.5, 1.5, 2.5, 3.5]
+    assert [(r.reason, r.where) for r in rejected] == [(reason, "r.json:3[1]")]
+    assert rejected[0].raw == ashrae.raw_text(bad) and len(rejected[0].raw) <= 1024 + 40
+
+
+def test_the_fast_check_agrees_with_readings_check(tmp_path):
+    """The row parser accepts a parsed row with one comparison; check() must agree on the edges."""
+    from gateway.readings import check
+
+    values = ["0", "-0.0", "1e-300", "-1e-300", "1.7e308", "1e309", "-inf", "nan", "12.5"]
+    stamps = ["1999-12-31 23:59:59", "2000-01-01 00:00:00", "2016-06-01 12:00:00"]  # site 1: UTC
+    lines = [row(value=v, ts=t, site="1") for v in values for t in stamps]
+    readings, rejected = flat(run(ReplaySource("e", write_csv(tmp_path / "e.csv", lines))))
+    got = {(r.value if not math.isnan(r.value) else "nan", r.ts) for r in readings}
+    for v in values:
+        for t in stamps:
+            r = Reading("1", "1433", "electricity", local_to_utc_ms(t, 0), float(v), "e")
+            key = (r.value if not math.isnan(r.value) else "nan", r.ts)
+            assert (check(r) is None) == (key in got), (v, t, check(r))
+    assert len(readings) + len(rejected) == len(lines)
+
+
 @pytest.mark.parametrize("speed", [0, -3.0])
 def test_speed_must_be_positive(speed):
     with pytest.raises(ConfigError, match=r"^speed: .* must be > 0"):
