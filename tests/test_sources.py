@@ -664,6 +664,17 @@ def test_weather_replay_reads_the_extract():
     assert math.isnan(first15["cloud_coverage"])  # null in the feed
 
 
+def test_a_weather_message_that_cannot_be_decoded_costs_only_itself(tmp_path):
+    good = [json.dumps(_weather(15, T0 + k * HOUR, float(k))) for k in range(3)]
+    path = write_json_lines(tmp_path / "w.json", [good[0], "[" * 100_000 + "]" * 100_000, *good[1:], '{"site_id": 9, "timest'])
+    w = WeatherReplay(path)
+    assert [m["air_temperature"] for m in w] == [0.0, 1.0, 2.0]
+    assert w.rejected == [(1, "json: nested too deeply to decode"), (4, "json: the array is cut short")]
+    (tmp_path / "x.json").write_text('{"site_id": 9}')
+    with pytest.raises(ValueError, match=r"x\.json: not a JSON array of weather messages$"):
+        WeatherReplay(tmp_path / "x.json")
+
+
 def _weather(site, ts, temp, **fields):
     return {"site_id": site, "timestamp": ts, "air_temperature": temp, **fields}
 

@@ -17,7 +17,6 @@ argument (same field names).
 from __future__ import annotations
 
 import gzip
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -46,20 +45,25 @@ class WeatherReplay:
     """The messages of a weather JSON array file, in time order.
 
     ``messages`` holds the valid ones (``site_id`` as text, fields as float or NaN); ``rejected``
-    holds ``(index, reason)`` for those without a usable site or timestamp.
+    holds ``(index, reason)`` for those without a usable site or timestamp, and for a message that
+    cannot be decoded (nested too deeply, say): it costs that message, not the file. A file cut
+    short keeps the messages before the cut (the cut is the last rejection). A file that is not a
+    JSON array raises ValueError.
     """
 
     def __init__(self, path: str | Path):
+        from gateway.ashrae import json_items  # here: gateway.ashrae imports this module
+
         self.path = Path(path)
         opener = gzip.open if self.path.name.lower().endswith(".gz") else open
-        with opener(self.path, "rt", encoding="utf-8") as f:
-            raw = json.load(f)
-        if not isinstance(raw, list):
-            raise ValueError(f"{self.path}: not a JSON array of weather messages")
+        with opener(self.path, "rt", encoding="utf-8", errors="replace") as f:
+            text = f.read()
         self.messages: list[dict[str, Any]] = []
         self.rejected: list[tuple[int, str]] = []
-        for i, msg in enumerate(raw):
-            parsed = parse_message(msg)
+        for i, (_, _, msg, reason, broken) in enumerate(json_items(text)):
+            if broken and i == 0 and reason == "json: the file is not a JSON array":
+                raise ValueError(f"{self.path}: not a JSON array of weather messages")
+            parsed = reason if reason is not None else parse_message(msg)
             if isinstance(parsed, str):
                 self.rejected.append((i, parsed))
             else:
