@@ -12,9 +12,11 @@ into a new buffer file, so that one bad page loses only its own rows:
    SRC's own SQL.
 3. Each table is walked in primary-key order (its rowid, or the key of a ``WITHOUT ROWID``
    table) in chunks. A chunk that fails is read again in smaller chunks, down to one row; when
-   the next row itself cannot be read, the walk seeks past the damage: it bisects the key
-   space for the first key a B-tree seek can reach again (integer keys, column by column), or,
-   for a text key, reads the table from its end down to the damage.
+   the next row itself cannot be read, the walk seeks past the damage to the first key of the
+   next readable leaf page (``dbstat`` lists the leaves in key order; their first keys are
+   read from the pages' bytes, through the WAL), then reads down from there to the damage (in
+   a ``WITHOUT ROWID`` table the interior cell above a bad page is a row too). Without
+   ``dbstat`` it bisects an integer key space for the first key a seek reads again.
 4. What cannot be used is dropped and counted: a ``state`` value that is not JSON, a reading
    whose meter was lost, a ``resend`` entry whose reading was lost. A source position that is
    not JSON is reset (the source reads again from its start; the buffer ignores duplicates).
@@ -130,8 +132,11 @@ def _recover(source: sqlite3.Connection, src: Path, dst: Path) -> list[TableResu
         for sql in indexes:
             out.execute(re.sub(r"^CREATE (UNIQUE )?INDEX ", r"CREATE \1INDEX IF NOT EXISTS ", sql))
         pages = _pages(source)
+        reader = _PageReader(src) if pages is not None else None
         order = sorted(tables, key=lambda t: t[0] != "meters")  # meters first: readings need them
-        results = {name: _copy_table(source, out, name, sql) for name, sql in order}
+        results = {}
+        for name, sql in order:
+            results[name] = _copy_table(source, out, name, reader, pages.get(name, []) if pages else [])
         _drop_orphans(out, results)
         for name, sql in tables:
             _account(results[name], pages, _without_rowid(sql))
@@ -164,10 +169,12 @@ class _Table:
     def __init__(self, db: sqlite3.Connection, name: str):
         self.db = db
         self.name = name
+        self.anchors: list[tuple] | None = None  # the first key of each readable leaf, in key order
         info = db.execute(f"PRAGMA table_info({_q(name)})").fetchall()  # cid, name, type, notnull, default, pk
         self.columns = [r[1] for r in info]
         sql = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (name,)).fetchone()[0]
-        if _without_rowid(sql):  # the primary key is the B-tree's key
+        self.without_rowid = _without_rowid(sql)
+        if self.without_rowid:  # the primary key is the B-tree's key
             pk = sorted((r[5], r[1], r[2]) for r in info if r[5])
             self.key = [_q(n) for _, n, _ in pk]
             self.int_key = [t.upper() == "INTEGER" for _, _, t in pk]
@@ -223,7 +230,10 @@ def _walk(t: _Table) -> Iterator[list[tuple]]:
                 continue
             # The next row cannot be read: find where a seek reads again, and take the rows a
             # walk down from there reaches (in an index B-tree, the divider above the bad page).
-            resume = _bisect_key(t, key) if all(t.int_key) else None
+            if t.anchors is not None:
+                resume = next((a for a in t.anchors if key is None or a > key), None)
+            else:
+                resume = _bisect_key(t, key) if all(t.int_key) else None
             below = _down_to_damage(t, key, resume)
             if below:
                 yield below[::-1]
@@ -299,8 +309,11 @@ def _down_to_damage(t: _Table, last: tuple | None, below: tuple | None) -> list[
 # ---------------------------------------------------------------- copying
 
 
-def _copy_table(source: sqlite3.Connection, out: sqlite3.Connection, name: str, sql: str) -> TableResult:
+def _copy_table(source: sqlite3.Connection, out: sqlite3.Connection, name: str,
+                reader: "_PageReader | None", pages: list[tuple[str, int, int]]) -> TableResult:
     t = _Table(source, name)
+    if reader is not None:
+        t.anchors = reader.first_keys(pages, t.without_rowid, len(t.key))
     result = TableResult(name)
     dst_cols = {r[1] for r in out.execute(f"PRAGMA table_info({_q(name)})")}
     cols = [c for c in t.columns if c in dst_cols]
@@ -376,15 +389,16 @@ def _drop_orphans(out: sqlite3.Connection, results: dict[str, TableResult]) -> N
             results[table].notes[why] = n
 
 
-def _pages(source: sqlite3.Connection) -> dict[str, list[tuple[str, int]]] | None:
-    """Each B-tree's pages as (page type, cells), from dbstat; None if this SQLite has none."""
+def _pages(source: sqlite3.Connection) -> dict[str, list[tuple[str, int, int]]] | None:
+    """Each B-tree's pages as (page type, cells, page number) in key order, from dbstat; None if
+    this SQLite has none."""
     try:
-        rows = source.execute("SELECT name, pagetype, ncell FROM dbstat").fetchall()
+        rows = source.execute("SELECT name, pagetype, ncell, pageno FROM dbstat ORDER BY name, path").fetchall()
     except sqlite3.DatabaseError:
         return None
-    pages: dict[str, list[tuple[str, int]]] = {}
-    for name, kind, ncell in rows:
-        pages.setdefault(name, []).append((kind, ncell))
+    pages: dict[str, list[tuple[str, int, int]]] = {}
+    for name, kind, ncell, pageno in rows:
+        pages.setdefault(name, []).append((kind, ncell, pageno))
     return pages
 
 
@@ -396,10 +410,119 @@ def _account(result: TableResult, pages: dict | None, without_rowid: bool) -> No
     mine = pages.get(result.name, [])
     # In a rowid table only leaves hold rows; in a WITHOUT ROWID one, interior cells are rows too.
     holds = ("leaf", "internal") if without_rowid else ("leaf",)
-    readable = sum(n for kind, n in mine if kind in holds)
+    readable = sum(n for kind, n, _ in mine if kind in holds)
     read = result.saved + result.lost  # every row the walk read (dropped ones included)
     result.lost += max(readable - read, 0)
-    result.bad_pages = sum(1 for kind, _ in mine if kind == "corrupted")
-    leaves = [n for kind, n in mine if kind == "leaf"]
+    result.bad_pages = sum(1 for kind, _, _ in mine if kind == "corrupted")
+    leaves = [n for kind, n, _ in mine if kind == "leaf"]
     if result.bad_pages and leaves:
         result.estimated = round(result.bad_pages * sum(leaves) / len(leaves))
+
+
+# ---------------------------------------------------------------- raw pages
+
+
+class _PageReader:
+    """Pages of the source as SQLite sees them: the newest committed copy in the WAL, else the
+    main file's. Enough of the file format to read the first key of a leaf page."""
+
+    def __init__(self, src: Path):
+        self.src = src
+        with open(src, "rb") as f:
+            header = f.read(100)
+        size = int.from_bytes(header[16:18], "big")
+        self.page_size = 65536 if size == 1 else size
+        self.wal: dict[int, int] = {}  # page number -> offset of its newest committed frame
+        wal = Path(f"{src}-wal")
+        if wal.exists() and wal.stat().st_size > 32:
+            self._read_wal(wal)
+
+    def _read_wal(self, wal: Path) -> None:
+        data = wal.read_bytes()
+        salts = data[16:24]
+        pending: dict[int, int] = {}
+        at = 32
+        while at + 24 + self.page_size <= len(data):
+            pgno, commit = int.from_bytes(data[at:at + 4], "big"), int.from_bytes(data[at + 4:at + 8], "big")
+            if data[at + 8:at + 16] != salts:
+                break  # frames of an earlier generation of the WAL: not current
+            pending[pgno] = at + 24
+            if commit:
+                self.wal.update(pending)
+                pending.clear()
+            at += 24 + self.page_size
+        self._wal_data = data
+
+    def page(self, pgno: int) -> bytes:
+        if pgno in self.wal:
+            at = self.wal[pgno]
+            return self._wal_data[at:at + self.page_size]
+        with open(self.src, "rb") as f:
+            f.seek((pgno - 1) * self.page_size)
+            return f.read(self.page_size)
+
+    def first_keys(self, pages: list[tuple[str, int, int]], without_rowid: bool, n: int) -> list[tuple] | None:
+        """The first key of each readable leaf of one B-tree, in key order; None if a page does
+        not parse (the walk then bisects instead)."""
+        keys = []
+        for kind, ncell, pgno in pages:
+            if kind != "leaf" or not ncell:
+                continue
+            try:
+                keys.append(_first_key(self.page(pgno), pgno, without_rowid, n))
+            except (IndexError, ValueError):
+                return None
+        return keys
+
+
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    """SQLite's big-endian varint at ``b[i]``: (value, next offset)."""
+    v = 0
+    for k in range(8):
+        c = b[i + k]
+        v = (v << 7) | (c & 0x7F)
+        if c < 0x80:
+            return v, i + k + 1
+    return (v << 8) | b[i + 8], i + 9
+
+
+_INT_SIZES = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 8}
+
+
+def _first_key(page: bytes, pgno: int, without_rowid: bool, n: int) -> tuple:
+    """The key of the first cell of a leaf page: the rowid (table leaf), or the record's ``n``
+    leading columns (index leaf: a WITHOUT ROWID table stores its key columns first)."""
+    h = 100 if pgno == 1 else 0
+    kind = page[h]
+    cell = int.from_bytes(page[h + 8:h + 10], "big")
+    _, i = _varint(page, cell)  # payload size
+    if kind == 0x0D and not without_rowid:
+        return (_signed(_varint(page, i)[0], 8),)
+    if kind != 0x0A or not without_rowid:
+        raise ValueError(f"page {pgno}: not a leaf of the expected kind ({kind:#x})")
+    header_size, j = _varint(page, i)
+    types, end = [], i + header_size
+    while j < end:
+        t, j = _varint(page, j)
+        types.append(t)
+    values, at = [], end
+    for t in types[:n]:
+        if t == 0:
+            values.append(None)
+        elif t in _INT_SIZES:
+            n = _INT_SIZES[t]
+            values.append(int.from_bytes(page[at:at + n], "big", signed=True))
+            at += n
+        elif t in (8, 9):
+            values.append(t - 8)
+        elif t >= 13 and t % 2:
+            n = (t - 13) // 2
+            values.append(page[at:at + n].decode("utf-8"))
+            at += n
+        else:  # a float or a blob key: not in the buffer's tables
+            raise ValueError(f"page {pgno}: key of serial type {t}")
+    return tuple(values)
+
+
+def _signed(v: int, size: int) -> int:
+    return v - (1 << (8 * size)) if v >= 1 << (8 * size - 1) else v

@@ -1,0 +1,234 @@
+"""A damaged buffer: a clear error naming the file, and ``gateway buffer recover`` on real damage.
+
+The damage is real: garbage written over whole pages of the ``readings`` B-tree of a file
+holding 20,000 readings (the pages are found with SQLite's ``dbstat`` table), and bad JSON
+in the ``state`` table. Before, the first gave a ``sqlite3.DatabaseError`` traceback from
+``Buffer.pending`` and ``gateway status``, the second a ``JSONDecodeError`` one.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.buffer import Buffer
+from gateway.errors import BufferCorrupt
+from gateway.readings import Reading, Rejected
+
+REPO = Path(__file__).resolve().parents[1]
+GATEWAY = Path(sys.executable).parent / "gateway"  # the console script of this venv
+T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+METERS, TICKS = 50, 400
+N = METERS * TICKS
+ACKED = 1_000
+
+
+def gateway(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(GATEWAY), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def damaged_message(path: Path, why: str = "database disk image is malformed", what: str = "buffer file") -> str:
+    return (f"{path}: the {what} is damaged ({why}); stop the gateway and run "
+            f"`gateway buffer recover {path} NEW_FILE` to salvage its readings")
+
+
+@dataclass
+class Made:
+    path: Path
+    keys: list[tuple[int, int]]           # every (ts, meter id) stored, in key order
+    counts: dict[str, int]                # rows per table, before any damage
+    lost: int = 0                         # rows on the pages written over
+    estimate: int = 0                     # what recover estimates for them
+
+
+@pytest.fixture
+def made(tmp_path) -> Made:
+    """A closed buffer of N readings (the first ACKED acknowledged), one quarantined input and
+    a source position."""
+    path = tmp_path / "buffer.db"
+    buf = Buffer(path, live_window_ms=10**12)
+    buf.put([Reading("1", str(m), "electricity", T0 + t * 60_000, 1.0 + m, "sim")
+             for t in range(TICKS) for m in range(METERS)],
+            [Rejected("columns: 17 instead of 19", "997,1,2016", "sample", "sample.csv:3")],
+            source="sim", position={"tick": TICKS})
+    buf.ack(buf.claim(ACKED))
+    buf.close()
+    db = sqlite3.connect(path)
+    keys = db.execute("SELECT ts, meter FROM readings ORDER BY ts, meter").fetchall()
+    tables = [n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
+                                       " AND name NOT LIKE 'sqlite_%' AND name != 'migrations' ORDER BY rowid")]
+    counts = {n: db.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0] for n in tables}
+    db.close()
+    return Made(path, keys, counts)
+
+
+def write_garbage_over_leaves(made: Made, *picks: int) -> None:
+    """Garbage over the ``readings`` leaf pages at these places in the tree (0 = the first)."""
+    db = sqlite3.connect(made.path)
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    leaves = db.execute("SELECT pageno, ncell FROM dbstat WHERE name = 'readings' AND pagetype = 'leaf'"
+                        " ORDER BY path").fetchall()
+    db.close()
+    assert len(leaves) > 50  # a real B-tree, many pages deep
+    victims = [leaves[p] for p in picks]
+    others = [n for page, n in leaves if (page, n) not in victims]
+    made.lost = sum(n for _, n in victims)
+    made.estimate = round(len(victims) * sum(others) / len(others))
+    rng = random.Random(20261201)
+    with open(made.path, "r+b") as f:
+        for page, _ in victims:
+            f.seek((page - 1) * page_size)
+            f.write(rng.randbytes(page_size))
+
+
+def recover_stdout(made: Made, dst: Path, readings_line: str, **lines: str) -> str:
+    out = [f"recovered {made.path} into {dst}:"]
+    for table, n in made.counts.items():
+        default = f"{table}: {n:,} saved, 0 lost"
+        out.append("  " + (readings_line if table == "readings" else lines.get(table, default)))
+    return "\n".join(out) + "\n"
+
+
+def drain(buf: Buffer) -> list[tuple[int, int]]:
+    got = []
+    while (c := buf.claim(1000)) is not None:
+        got.extend((r[0], r[1]) for r in c.rows)
+        buf.ack(c)
+    return got
+
+
+# ---------------------------------------------------------------- a clear error
+
+
+def test_status_of_a_buffer_with_a_bad_page_names_the_file_and_recover(made):
+    write_garbage_over_leaves(made, 40)
+    st = gateway("status", "--db", made.path)
+    assert (st.returncode, st.stdout, st.stderr) == (2, "", f"error: {damaged_message(made.path)}\n")
+
+
+def test_a_buffer_with_a_bad_page_raises_buffer_corrupt(made):
+    write_garbage_over_leaves(made, 40)
+    buf = Buffer(made.path, live_window_ms=10**12)  # the right edge of the tree still reads
+    with pytest.raises(BufferCorrupt) as info:
+        buf.pending()
+    assert str(info.value) == damaged_message(made.path)
+    buf.close()
+
+
+def test_bad_json_in_state_names_the_file_and_recover(made):
+    db = sqlite3.connect(made.path)
+    db.execute("UPDATE state SET value = '{\"tick\": ' WHERE key = 'cursor'")
+    db.commit()
+    db.close()
+    message = damaged_message(made.path, "Expecting value: line 1 column 10 (char 9)", "buffer's state 'cursor'")
+    with pytest.raises(BufferCorrupt) as info:
+        Buffer(made.path)
+    assert str(info.value) == message
+    st = gateway("status", "--db", made.path)
+    assert (st.returncode, st.stdout, st.stderr) == (2, "", f"error: {message}\n")
+
+    dst = made.path.parent / "recovered.db"
+    rec = gateway("buffer", "recover", made.path, dst)
+    state = made.counts["state"]
+    assert (rec.returncode, rec.stderr) == (0, "")
+    assert rec.stdout == recover_stdout(made, dst, f"readings: {N:,} saved, 0 lost",
+                                        state=f"state: {state - 1:,} saved, 1 lost (1 not JSON)")
+    buf = Buffer(dst, live_window_ms=10**12)  # no cursor: everything is sent again, duplicates are keyed
+    assert len(drain(buf)) == N
+    buf.close()
+
+
+# ---------------------------------------------------------------- gateway buffer recover
+
+
+def test_recover_saves_every_readable_row_and_the_copy_delivers_them(made):
+    write_garbage_over_leaves(made, 40)
+    dst = made.path.parent / "recovered.db"
+    rec = gateway("buffer", "recover", made.path, dst)
+    saved = N - made.lost
+    assert (rec.returncode, rec.stderr) == (0, "")
+    assert rec.stdout == recover_stdout(
+        made, dst, f"readings: {saved:,} saved, about {made.estimate:,} lost (1 unreadable page)")
+    assert saved + made.estimate == N  # every leaf holds as many readings, so the estimate is exact here
+
+    buf = Buffer(dst, live_window_ms=10**12)
+    kept = buf.db.execute("SELECT ts, meter FROM readings ORDER BY ts, meter").fetchall()
+    gone = [i for i, k in enumerate(made.keys) if k not in set(kept)]
+    assert len(gone) == made.lost and gone == list(range(gone[0], gone[0] + made.lost))  # one page's run of keys
+    assert buf.pending() == saved - ACKED  # the cursor came along: acknowledged readings stay sent
+    assert drain(buf) == [k for k in kept[ACKED:]]  # each once, in time order
+    assert buf.position("sim") == {"tick": TICKS}
+    assert [q["reason"] for q in buf.quarantined()] == ["columns: 17 instead of 19"]
+    buf.close()
+    assert gateway("status", "--db", dst).returncode == 0
+
+
+def test_recover_loses_only_the_bad_pages_at_both_ends_and_in_the_middle(made):
+    write_garbage_over_leaves(made, 0, 30, 60, -1)
+    dst = made.path.parent / "recovered.db"
+    rec = gateway("buffer", "recover", made.path, dst)
+    saved = N - made.lost
+    assert (rec.returncode, rec.stderr) == (0, "")
+    assert rec.stdout == recover_stdout(
+        made, dst, f"readings: {saved:,} saved, about {made.estimate:,} lost (4 unreadable pages)")
+    buf = Buffer(dst, live_window_ms=10**12)
+    assert buf.db.execute("SELECT count(*) FROM readings").fetchone()[0] == saved
+    buf.close()
+
+
+def test_recover_of_a_sound_buffer_copies_everything(made):
+    dst = made.path.parent / "recovered.db"
+    rec = gateway("buffer", "recover", made.path, dst)
+    assert (rec.returncode, rec.stderr) == (0, "")
+    assert rec.stdout == recover_stdout(made, dst, f"readings: {N:,} saved, 0 lost")
+    buf = Buffer(dst, live_window_ms=10**12)
+    assert drain(buf) == made.keys[ACKED:]
+    buf.close()
+
+
+def test_recover_never_overwrites_an_existing_file(made, tmp_path):
+    dst = tmp_path / "taken.db"
+    dst.write_bytes(b"someone's file")
+    rec = gateway("buffer", "recover", made.path, dst)
+    assert (rec.returncode, rec.stdout) == (2, "")
+    assert rec.stderr == (f"error: {dst}: already exists; recover writes a new buffer file: "
+                          "give a path that does not exist\n")
+    assert dst.read_bytes() == b"someone's file"
+
+
+HOLDER = """
+import sys
+from gateway.buffer import Buffer
+buf = Buffer(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.read()
+buf.close()
+"""
+
+
+def test_recover_refuses_while_a_gateway_holds_the_buffer(made):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(made.path)], cwd=REPO, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == "ready\n", holder.stderr.read()
+        dst = made.path.parent / "recovered.db"
+        rec = gateway("buffer", "recover", made.path, dst)
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    assert (rec.returncode, rec.stdout) == (2, "")
+    assert rec.stderr == (f"error: {made.path} is in use by another gateway (pid {holder.pid} holds "
+                          f"{made.path}.lock); stop it first: one buffer serves one gateway at a time\n")
+    assert not dst.exists()
+
+
+def test_recover_of_a_missing_buffer(tmp_path):
+    rec = gateway("buffer", "recover", tmp_path / "missing.db", tmp_path / "new.db")
+    assert (rec.returncode, rec.stdout, rec.stderr) == (2, "", f"error: {tmp_path / 'missing.db'}: no buffer here\n")
+    assert not (tmp_path / "new.db").exists()
