@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -627,6 +628,50 @@ def test_simulator_resume_reproduces_readings_and_labels():
     tail, _ = flat(run(second, cut))
     assert head + tail == readings
     assert first.labels + second.labels == full.labels
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(count=3),  # the reference fleet from the bundled metadata
+        dict(count=3, anomaly_rate=1.0),  # every reading a spike or a dropout
+        dict(count=2, meters=5000, seed=9),  # more meters of a type than buildings: synthetic ones
+        dict(count=2, meters=40, metadata_path="absent.csv"),  # no metadata at all
+        dict(count=2, start_ms=946_684_800_000),  # the earliest start the config allows
+        dict(count=2, interval_s=0.001),  # the shortest interval
+    ],
+    ids=["fleet", "all-anomalies", "synthetic-buildings", "no-metadata", "start-2000", "1-ms-ticks"],
+)
+def test_the_simulator_makes_only_readings_the_buffer_accepts(tmp_path, kw):
+    """Nothing the simulator makes may end in the buffer's source@ts quarantine net."""
+    from gateway.readings import check
+
+    if "metadata_path" in kw:
+        kw["metadata_path"] = tmp_path / kw["metadata_path"]
+    readings, rejected = flat(run(sim(**kw)))
+    assert readings and rejected == []
+    assert [(r, check(r)) for r in readings if check(r) is not None] == []
+
+
+def test_the_simulator_with_odd_metadata_still_makes_valid_readings(tmp_path):
+    meta = tmp_path / "meta.csv"
+    meta.write_text("building_id,site_id,square_feet\n1,15,1e308\n2,3,-5\n3,,100\n,4,100\n4,99,abc\n5,0,nan\n")
+    readings, _ = flat(run(sim(count=2, meters=12, metadata_path=meta, anomaly_rate=0.5)))
+    from gateway.readings import check
+
+    assert {r.building for r in readings} <= {"1", "2", "4", "5", "sim-0", "sim-1", "sim-2", "sim-3"}
+    assert [(r, check(r)) for r in readings if check(r) is not None] == []
+
+
+@pytest.mark.xfail(strict=True, reason="simulator.py (not this change's file): a backfill (speed null) runs "
+                   "past now + 24 h, and a start may be in the future; the buffer then quarantines every "
+                   "such reading as sim@ts. Remove this mark once the simulator stops there.")
+def test_a_simulator_backfill_never_runs_more_than_24_h_ahead():
+    from gateway.readings import check
+
+    now = int(time.time() * 1000)
+    readings, _ = flat(run(SimulatorSource("sim", meters=2, speed=None, start_ms=now, count=1500)))
+    assert [check(r) for r in readings if check(r) is not None] == []
 
 
 def test_simulator_real_time_paces_with_stop_wait(no_sleep):
