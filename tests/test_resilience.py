@@ -254,7 +254,7 @@ def test_kill_dash_nine_with_scoring_and_a_live_lane_sends_the_same_scores_every
     assert twice, "no scored reading was sent twice: the kills never caught anything in flight"
     assert not changed_values, f"{len(changed_values)} readings changed value between sends, e.g. {changed_values[:3]}"
     assert not changed_scores, (
-        f"{len(changed_scores)} of the {twice} scored readings sent more than once carried another "
+        f"{len({k for k, *_ in changed_scores})} of the {twice} scored readings sent more than once carried another "
         f"(value, expected, score, flag, model) the next time, e.g. {changed_scores[:3]}")
     assert not changed_batches, f"{len(changed_batches)} message ids were sent with other bytes, e.g. {changed_batches[:3]}"
 
