@@ -69,8 +69,10 @@ def made(tmp_path) -> Made:
 
 
 def write_garbage_over_leaves(made: Made, *picks: int) -> None:
-    """Garbage over the ``readings`` leaf pages at these places in the tree (0 = the first)."""
-    db = sqlite3.connect(made.path)
+    """Garbage over the ``readings`` leaf pages at these places in the tree (0 = the first).
+
+    Read-only, so that closing this connection does not fold a WAL into the file."""
+    db = sqlite3.connect(f"file:{made.path}?mode=ro", uri=True)
     page_size = db.execute("PRAGMA page_size").fetchone()[0]
     leaves = db.execute("SELECT pageno, ncell FROM dbstat WHERE name = 'readings' AND pagetype = 'leaf'"
                         " ORDER BY path").fetchall()
@@ -142,6 +144,20 @@ def test_bad_json_in_state_names_the_file_and_recover(made):
     buf = Buffer(dst, live_window_ms=10**12)  # no cursor: everything is sent again, duplicates are keyed
     assert len(drain(buf)) == N
     buf.close()
+
+
+def test_run_on_a_buffer_with_bad_state_refuses_to_start(made):
+    db = sqlite3.connect(made.path)
+    db.execute("UPDATE state SET value = 'not json' WHERE key = 'cursor'")
+    db.commit()
+    db.close()
+    config = made.path.parent / "gateway.yaml"
+    config.write_text(f"thing: gw-test-01\nbuffer: {{path: {made.path}}}\n"
+                      "sources:\n  - {type: simulator, name: sim, meters: 2, count: 5, speed: null}\n"
+                      "publisher: {type: memory}\n")
+    run = gateway("run", "--config", config, "--exit-when-idle")
+    message = damaged_message(made.path, "Expecting value: line 1 column 1 (char 0)", "buffer's state 'cursor'")
+    assert (run.returncode, run.stdout, run.stderr) == (2, "", f"error: {message}\n")
 
 
 # ---------------------------------------------------------------- gateway buffer recover
@@ -232,3 +248,32 @@ def test_recover_of_a_missing_buffer(tmp_path):
     rec = gateway("buffer", "recover", tmp_path / "missing.db", tmp_path / "new.db")
     assert (rec.returncode, rec.stdout, rec.stderr) == (2, "", f"error: {tmp_path / 'missing.db'}: no buffer here\n")
     assert not (tmp_path / "new.db").exists()
+
+
+KILLED = """
+import os, signal, sys
+from gateway.buffer import Buffer
+from gateway.readings import Reading
+buf = Buffer(sys.argv[1], live_window_ms=10**12)
+buf.put([Reading("1", str(m), "electricity", int(sys.argv[2]) + t * 60_000, 1.0, "sim")
+         for t in range(400, 420) for m in range(50)], source="sim", position={"tick": 420})
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_recover_reads_what_a_killed_gateway_left_in_the_wal(made):
+    """A gateway killed with -9 leaves its last puts in the WAL only: recover reads them too."""
+    proc = subprocess.run([sys.executable, "-c", KILLED, str(made.path), str(T0)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr
+    assert Path(f"{made.path}-wal").stat().st_size > 0
+    write_garbage_over_leaves(made, 40)  # a page of the main file
+    assert Path(f"{made.path}-wal").stat().st_size > 0  # the last puts are still only in the WAL
+    dst = made.path.parent / "recovered.db"
+    rec = gateway("buffer", "recover", made.path, dst)
+    assert (rec.returncode, rec.stderr) == (0, "")
+    assert f"  readings: {N + 1_000 - made.lost:,} saved, " in rec.stdout
+    buf = Buffer(dst, live_window_ms=10**12)
+    assert buf.db.execute("SELECT count(*) FROM readings").fetchone()[0] == N + 1_000 - made.lost
+    assert buf.position("sim") == {"tick": 420}
+    buf.close()
