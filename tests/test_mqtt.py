@@ -10,7 +10,7 @@ from awscrt import io, mqtt5
 from awscrt.exceptions import AwsCrtError, from_code
 
 from gateway.broker import Mosquitto, make_certs
-from gateway.errors import ConfigError, RetryableError, UndeliverableError
+from gateway.errors import ConfigError, NotAuthorizedError, RetryableError, UndeliverableError
 from gateway.publishers import Message, Publisher
 from gateway.publishers.mqtt import (
     UNDELIVERABLE_CRT_ERRORS,
@@ -131,13 +131,13 @@ def test_future_resolves_only_after_puback(make_publisher, broker, subscriber):
     assert subscriber.wait_for(lambda msgs: "dt/site-1/meter-1/readings" in _topics(msgs), WAIT)
 
 
-def test_not_authorized_puback_is_undeliverable(tmp_path, certs):
+def test_not_authorized_puback_is_a_policy_fault_not_a_message_fault(tmp_path, certs):
     acl = f"user {THING}\ntopic write dt/#\n"
     with Mosquitto(tmp_path / "acl-broker", certs, acl=acl) as broker:
         pub = publisher_for(broker, certs).start()
         try:
             assert pub.wait_connected(WAIT)
-            with pytest.raises(UndeliverableError,
+            with pytest.raises(NotAuthorizedError,
                                match=r"^PUBACK NOT_AUTHORIZED \(135\) for 'cmd/site-1/reboot'$"):
                 pub.publish("cmd/site-1/reboot", b"{}").result(WAIT)
             assert pub.publish("dt/site-1/ok", b"{}").result(WAIT) is None
@@ -189,11 +189,27 @@ def test_invalid_message_is_undeliverable_without_network(offline_publisher, top
         fut.result()
 
 
+@pytest.mark.parametrize(("topic", "message"), [
+    ("$aws/things/gw/shadow/update",
+     r"^topic '\$aws/things/gw/shadow/update' starts with \$, which is reserved \(only a \$aws/rules/<rule>/ prefix is allowed\)$"),
+    ("$aws/rules/bad-name/dt/x",
+     r"^topic '\$aws/rules/bad-name/dt/x': rule name 'bad-name' must be 1 to 128 letters, digits or underscores$"),
+    ("$aws/rules/meter_ingest/", r"^topic '\$aws/rules/meter_ingest/' has nothing after its Basic Ingest prefix$"),
+    ("$aws/rules/meter_ingest/dt/1/2/3/4/5/6/7/8",
+     r"^topic '\$aws/rules/meter_ingest/dt/1/2/3/4/5/6/7/8' has 8 slashes, more than 7$"),
+    ("dt//x", r"^topic 'dt//x' has an empty level$"),
+])
+def test_reserved_and_basic_ingest_topics_are_checked(offline_publisher, topic, message):
+    with pytest.raises(UndeliverableError, match=message):
+        offline_publisher.publish(topic, b"{}").result()
+
+
 def test_limits_are_inclusive_and_basic_ingest_prefix_is_not_counted(offline_publisher):
     ok = [
         ("dt/1/2/3/4/5/6/7", b"x" * (128 * 1024)),
         ("dt/" + "a" * 253, b"{}"),
-        ("$aws/rules/meter_ingest/dt/1/2/3/4/5/6", b"{}"),
+        ("$aws/rules/meter_ingest/dt/1/2/3/4/5/6/7", b"{}"),  # IoT Core counts after the prefix
+        ("$aws/rules/meter_ingest/dt/" + "a" * 253, b"{}"),
     ]
     for topic, payload in ok:
         # Passing the checks means reaching awscrt, which refuses it: the client never started.
@@ -285,6 +301,14 @@ def test_iot_core_target_keeps_awscrt_flow_control(broker, certs):
         local.close()
 
 
+def test_ack_timeout_is_awscrts_operation_timeout(broker, certs):
+    pub = publisher_for(broker, certs, ack_timeout=12.4)
+    try:
+        assert pub.client_options.ack_timeout_sec == 12
+    finally:
+        pub.close()
+
+
 def test_reconnect_backoff_is_exponential_with_full_jitter(broker, certs):
     pub = publisher_for(broker, certs, min_reconnect_delay=0.5, max_reconnect_delay=30)
     try:
@@ -356,7 +380,9 @@ def test_non_awscrt_exceptions_are_mapped(exc, kind):
 @pytest.mark.parametrize("code", [c for c in mqtt5.PubackReasonCode if c >= 128])
 def test_every_failing_puback_reason_is_mapped(code):
     err = puback_error(code, "why", "dt/x")
-    undeliverable = code in (mqtt5.PubackReasonCode.TOPIC_NAME_INVALID, mqtt5.PubackReasonCode.PAYLOAD_FORMAT_INVALID,
-                             mqtt5.PubackReasonCode.NOT_AUTHORIZED)
-    assert type(err) is (UndeliverableError if undeliverable else RetryableError)
+    undeliverable = code in (mqtt5.PubackReasonCode.TOPIC_NAME_INVALID, mqtt5.PubackReasonCode.PAYLOAD_FORMAT_INVALID)
+    if code == mqtt5.PubackReasonCode.NOT_AUTHORIZED:
+        assert type(err) is NotAuthorizedError
+    else:
+        assert type(err) is (UndeliverableError if undeliverable else RetryableError)
     assert str(err) == f"PUBACK {code.name} ({int(code)}) for 'dt/x': why"

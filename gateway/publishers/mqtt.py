@@ -12,11 +12,11 @@ What a future does
   NO_MATCHING_SUBSCRIBERS). QoS 0: resolves once awscrt has written the packet.
 * Fails with :class:`~gateway.errors.UndeliverableError` when the message can never be delivered
   as it is: it fails the pre-publish checks below, awscrt's own validation rejects it (oversize
-  for the negotiated maximum packet size, bad topic), or the PUBACK says TOPIC_NAME_INVALID,
-  PAYLOAD_FORMAT_INVALID or NOT_AUTHORIZED. NOT_AUTHORIZED counts as undeliverable because IoT
-  Core answers it when the thing's policy does not allow the topic: sending the same message
-  again gives the same answer until a person changes the policy, and retrying would block
-  every other message behind it. Quarantine keeps it for a replay.
+  for the negotiated maximum packet size, bad topic), or the PUBACK says TOPIC_NAME_INVALID or
+  PAYLOAD_FORMAT_INVALID.
+* Fails with :class:`~gateway.errors.NotAuthorizedError` on a PUBACK NOT_AUTHORIZED: IoT Core
+  answers it when the thing's policy does not allow the topic, so it is a fault of the
+  configuration, not of the message. The forwarder keeps the readings and retries slowly.
 * Fails with :class:`~gateway.errors.RetryableError` for everything else: connection lost,
   offline, ack timeout, QUOTA_EXCEEDED, UNSPECIFIED_ERROR and other failing PUBACKs, any other
   awscrt error (see :func:`map_crt_error`), and after :meth:`close`.
@@ -37,9 +37,18 @@ you get awscrt's default behaviour described above.
 
 Pre-publish checks (IoT Core's limits; they never touch the network)
 --------------------------------------------------------------------
-topic non-empty, at most 256 bytes of UTF-8 and 7 slashes (a ``$aws/rules/<rule>/`` Basic
-Ingest prefix is not counted, as in IoT Core), no ``+``/``#`` wildcards, no NUL;
-payload bytes-like and at most 128 KB; qos 0 or 1.
+:func:`gateway.topics.check_message`, the one home of IoT Core's limits: topic non-empty, at
+most 256 bytes of UTF-8 and 7 slashes (a ``$aws/rules/<rule>/`` Basic Ingest prefix is not
+counted, as in IoT Core), no ``+``/``#`` wildcards, no NUL, no empty level, no other ``$``
+prefix; payload bytes-like and at most 128 KB; qos 0 or 1.
+
+Timeouts
+--------
+``ack_timeout`` is awscrt's operation timeout (``ClientOptions.ack_timeout_sec``, whole seconds):
+a QoS 1 publish written to the socket without PUBACK that long fails with RetryableError
+(AWS_ERROR_MQTT_TIMEOUT). The runner sets it from ``forwarder.ack_timeout_s``; the forwarder's
+own per-claim timeout is longer (see :mod:`gateway.forwarder`), so the client fails a lost
+publish before the forwarder gives up on its claim.
 """
 
 from __future__ import annotations
@@ -54,18 +63,13 @@ from awscrt import mqtt5
 from awscrt.exceptions import AwsCrtError
 from awsiot import mqtt5_client_builder
 
-from gateway.errors import ConfigError, PublishError, RetryableError, UndeliverableError
+from gateway.errors import ConfigError, NotAuthorizedError, PublishError, RetryableError, UndeliverableError
 from gateway.publishers import Message
+from gateway.topics import MAX_PAYLOAD_BYTES, check_message
 
-__all__ = ["MqttPublisher", "MqttSubscriber", "map_crt_error", "check_message",
-           "MAX_TOPIC_BYTES", "MAX_TOPIC_SLASHES", "MAX_PAYLOAD_BYTES"]
+__all__ = ["MqttPublisher", "MqttSubscriber", "map_crt_error", "puback_error"]
 
 log = logging.getLogger(__name__)
-
-MAX_TOPIC_BYTES = 256
-MAX_TOPIC_SLASHES = 7
-MAX_PAYLOAD_BYTES = 128 * 1024
-_BASIC_INGEST = "$aws/rules/"
 
 # awscrt errors that mean "this message, as it is, will never go": its own validation.
 UNDELIVERABLE_CRT_ERRORS = frozenset({
@@ -83,7 +87,6 @@ _PUBACK_OK = frozenset({mqtt5.PubackReasonCode.SUCCESS, mqtt5.PubackReasonCode.N
 UNDELIVERABLE_PUBACKS = frozenset({
     mqtt5.PubackReasonCode.TOPIC_NAME_INVALID,
     mqtt5.PubackReasonCode.PAYLOAD_FORMAT_INVALID,
-    mqtt5.PubackReasonCode.NOT_AUTHORIZED,
 })
 
 
@@ -113,43 +116,6 @@ def map_crt_error(exc: BaseException, topic: str = "") -> PublishError:
             err = RetryableError(f"publish{where} failed: {what}")
     err.__cause__ = exc
     return err
-
-
-def check_message(topic: str, payload: bytes, qos: int) -> str | None:
-    """What is wrong with this message for IoT Core, or None. Never touches the network."""
-    if qos not in (0, 1) or isinstance(qos, bool):
-        return f"qos {qos!r} is not 0 or 1"
-    if not isinstance(payload, (bytes, bytearray, memoryview)):
-        return f"payload must be bytes, not {type(payload).__name__}"
-    size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
-    if size > MAX_PAYLOAD_BYTES:
-        return f"payload is {size} bytes, more than {MAX_PAYLOAD_BYTES} (128 KB)"
-    return check_topic(topic)
-
-
-def check_topic(topic: str) -> str | None:
-    if not isinstance(topic, str):
-        return f"topic must be str, not {type(topic).__name__}"
-    if not topic:
-        return "topic is empty"
-    shown = topic if len(topic) <= 64 else topic[:61] + "..."
-    counted = topic
-    if topic.lower().startswith(_BASIC_INGEST):
-        counted = topic.split("/", 3)[3] if topic.count("/") >= 3 else ""
-    try:
-        n = len(counted.encode("utf-8"))
-    except UnicodeEncodeError:
-        return f"topic {shown!r} is not valid UTF-8"
-    if n > MAX_TOPIC_BYTES:
-        return f"topic {shown!r} is {n} bytes, more than {MAX_TOPIC_BYTES}"
-    slashes = counted.count("/")
-    if slashes > MAX_TOPIC_SLASHES:
-        return f"topic {shown!r} has {slashes} slashes, more than {MAX_TOPIC_SLASHES}"
-    if "+" in topic or "#" in topic:
-        return f"topic {shown!r} contains a wildcard (+ or #)"
-    if "\x00" in topic:
-        return f"topic {shown!r} contains a NUL character"
-    return None
 
 
 def _settle(fut: Future, exc: BaseException | None = None) -> None:
@@ -408,6 +374,8 @@ def puback_error(code: int, reason: str | None, topic: str) -> PublishError:
     """The gateway error for a failing PUBACK reason code."""
     name = getattr(code, "name", str(code))
     text = f"PUBACK {name} ({int(code)}) for {topic!r}" + (f": {reason}" if reason else "")
+    if code == mqtt5.PubackReasonCode.NOT_AUTHORIZED:
+        return NotAuthorizedError(text)
     return UndeliverableError(text) if code in UNDELIVERABLE_PUBACKS else RetryableError(text)
 
 
