@@ -2,18 +2,39 @@
 
 It claims batches from the :class:`~gateway.buffer.Buffer`, turns each into JSON messages of at
 most 100 readings and 128 KB per site (``dt/<app>/<site>/<thing>/raw``, plus ``.../scored``
-when a scorer is set), publishes them at QoS 1 through a
-:class:`~gateway.publishers.Publisher`, and acknowledges the claim in the buffer only when
-every one of its messages has its PUBACK.
+for readings scored at ingest; ``$aws/rules/<rule>/dt/...`` with a Basic Ingest rule), publishes them
+at QoS 1 through a :class:`~gateway.publishers.Publisher`, and acknowledges the claim in the
+buffer only when every one of its messages has its PUBACK.
 
 - A bounded window of messages is in flight; PUBACKs are acknowledged as they arrive.
-- A retryable failure (connection lost, no PUBACK within ``ack_timeout_s`` while connected)
-  waits for what is in flight to settle, hands the claims back to the buffer, and retries
-  after an exponential backoff with full jitter.
-- A message that can never be delivered (oversize, a topic IoT Core refuses) is quarantined
-  with its reason and counted as settled: it is never retried forever.
+- **Timeouts are per claim.** A claim whose oldest message has had no PUBACK for
+  ``claim_timeout_s`` while connected is a retryable failure, whatever else completes
+  meanwhile. ``claim_timeout_s`` is ``ack_timeout_s`` (which the runner also gives awscrt as its
+  operation timeout) plus the time a full window can wait in awscrt's queue under IoT Core's
+  512 KB/s (``window`` × 128 KB / 512 KB/s): the client fails a lost publish first, and the
+  forwarder never sends again what the client still holds.
+- A retryable failure (connection lost, a timeout) waits for what is in flight to settle, hands
+  the claims back to the buffer, and retries after an exponential backoff with full jitter.
+  A completion that arrives after its claim was handed back is ignored: never acknowledged,
+  never counted.
+- **NOT_AUTHORIZED is a configuration fault, not a message fault.** The thing's policy refuses
+  the topic, and will refuse every message to it until a person fixes it. The forwarder keeps
+  the readings (the claims go back to the buffer, nothing is acknowledged or quarantined),
+  logs one ERROR, reports ``blocked`` in the stage health (``gateway status``), and tries one
+  claim every ``auth_retry_s`` (300 s) until a claim is accepted; then it logs that it cleared.
+- A message that can never be delivered (oversize, a topic IoT Core refuses, PUBACK
+  TOPIC_NAME_INVALID) is quarantined with its reason and counted as settled.
 - IoT Core's per-connection limits (100 publishes/s, 512 KB/s) are enforced by the MQTT5
   client's flow control unless the publisher's target is marked local.
+
+**When the loop itself fails** (:meth:`Forwarder.run` with a ``stage``, as the runner does):
+an exception out of a step drops what is in flight, hands the claims back, and goes to the
+stage, which decides between retrying after a backoff and giving up. The runner's policy
+(:class:`gateway.runner.Stage`): the buffer's transient errors (locked, busy, disk full,
+``sqlite3.OperationalError``), :class:`~gateway.errors.RetryableError` and ``OSError`` are
+retried with backoff; the stage is dead when they last ``dead_after_s`` (300 s) without a step
+in between that succeeds, or at once on any other error (a corrupt buffer, a bug, a value json
+cannot encode). A dead stage shows in ``gateway status`` and makes ``gateway run`` exit 1.
 """
 
 from __future__ import annotations
@@ -27,10 +48,10 @@ from concurrent.futures import Future
 from typing import Any, Callable, Protocol
 
 from gateway.buffer import Buffer, Claim
-from gateway.errors import RetryableError, UndeliverableError
+from gateway.errors import NotAuthorizedError, PublishError, RetryableError, UndeliverableError
 from gateway.messages import chunks
 from gateway.publishers import Publisher
-from gateway.topics import check_topic, topic
+from gateway.topics import MAX_BYTES_PER_S, MAX_PAYLOAD_BYTES, basic_ingest, check_message, topic
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +84,28 @@ class Backoff:
 
 
 class _InFlight:
+    """A claim in flight: its messages without a completion, and when its clock started
+    (when it was sent, or when the connection came back)."""
+
     __slots__ = ("claim", "remaining", "sent_at")
 
     def __init__(self, claim: Claim, remaining: int, sent_at: float):
         self.claim = claim
         self.remaining = remaining
         self.sent_at = sent_at
+
+
+class StageHook(Protocol):
+    """What :meth:`Forwarder.run` reports to (the runner's :class:`gateway.runner.Stage`)."""
+
+    def ok(self) -> None:
+        """A step succeeded: a run of failures, if any, is over."""
+
+    def failed(self, exc: BaseException) -> float | None:
+        """A step raised ``exc``: the delay before the next try, or None when the stage is dead."""
+
+    def blocked(self, reason: str | None) -> None:
+        """Delivery is refused by policy (``reason``), or no longer (None)."""
 
 
 class Forwarder:
@@ -84,6 +121,8 @@ class Forwarder:
         window: int = 64,
         qos: int = 1,
         ack_timeout_s: float = 30.0,
+        auth_retry_s: float = 300.0,
+        basic_ingest_rule: str | None = None,
         backoff: Backoff | None = None,
         scorer: Scorer | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -97,16 +136,21 @@ class Forwarder:
         self.window = window
         self.qos = qos
         self.ack_timeout_s = ack_timeout_s
+        # The client's ack timeout, plus what a full window can wait in its queue at 512 KB/s.
+        self.claim_timeout_s = ack_timeout_s + window * MAX_PAYLOAD_BYTES / MAX_BYTES_PER_S
+        self.auth_retry_s = auth_retry_s
+        self.basic_ingest_rule = basic_ingest_rule
         self.backoff = backoff or Backoff()
         self.scorer = scorer
         self.clock = clock
+        self.stage: StageHook | None = None
         self.wake = threading.Event()  # set by new readings and completed publishes
         self.stop_event = threading.Event()  # ends a backoff early; run() uses its caller's
         self.settled = threading.Condition()  # notified whenever publishes complete
-        self._done: queue.SimpleQueue[tuple[int, BaseException | None]] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[_InFlight, BaseException | None, tuple]] = queue.SimpleQueue()
         self._inflight: dict[int, _InFlight] = {}
         self._failed: BaseException | None = None
-        self._last_progress = clock()
+        self.blocked: str | None = None  # why the policy refuses delivery, while it does
         self.published = 0
         self.failures = 0
         self.unscored = 0
@@ -115,11 +159,30 @@ class Forwarder:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, stop: threading.Event, drain_timeout_s: float = 10.0) -> None:
-        """Forward until ``stop`` is set, then wait up to ``drain_timeout_s`` for PUBACKs."""
+    def run(self, stop: threading.Event, drain_timeout_s: float = 10.0, stage: StageHook | None = None) -> None:
+        """Forward until ``stop`` is set, then wait up to ``drain_timeout_s`` for PUBACKs.
+
+        Without ``stage``, an exception out of a step ends the loop (it propagates). With one,
+        the claims in flight go back to the buffer and ``stage.failed`` decides: retry after
+        the delay it returns, or return (the stage is dead).
+        """
         self.stop_event = stop
+        self.stage = stage
         while not stop.is_set():
-            if not self.step():
+            try:
+                worked = self.step()
+            except Exception as exc:
+                if stage is None:
+                    raise
+                self.reset()
+                delay = stage.failed(exc)
+                if delay is None:
+                    return
+                stop.wait(delay)
+                continue
+            if stage is not None:
+                stage.ok()
+            if not worked:
                 self.wake.wait(0.2)
                 self.wake.clear()
         deadline = self.clock() + drain_timeout_s
@@ -137,10 +200,14 @@ class Forwarder:
             if self._inflight:
                 self._check_timeouts()
                 return progressed
-            delay = self.backoff.next()
-            log.warning("delivery failed (%s); retrying in %.1f s", self._failed, delay)
+            failed, self._failed = self._failed, None
             self.buffer.release_all()
-            self._failed = None
+            if isinstance(failed, NotAuthorizedError):
+                delay = self.auth_retry_s
+                log.debug("delivery not authorized (%s); trying again in %.0f s", failed, delay)
+            else:
+                delay = self.backoff.next()
+                log.warning("delivery failed (%s); retrying in %.1f s", failed, delay)
             # Wait on stop only: new readings set `wake`, and must not cut a backoff short.
             self.stop_event.wait(delay)
             return True
@@ -149,6 +216,8 @@ class Forwarder:
             return progressed
         if self.messages_in_flight >= self.window:
             return progressed
+        if self.blocked is not None and self._inflight:
+            return progressed  # while refused, one claim at a time finds out whether it cleared
         claim = self.buffer.claim(self.claim_size)
         if claim is None:
             return progressed
@@ -165,6 +234,13 @@ class Forwarder:
                 self.wake.wait(0.05)
                 self.wake.clear()
         raise TimeoutError(f"forwarder did not drain within {timeout_s} s: {self.buffer.pending()} pending")
+
+    def reset(self) -> None:
+        """Forget every claim in flight and hand the claims back to the buffer; their late
+        completions are ignored."""
+        self._inflight.clear()
+        self._failed = None
+        self.buffer.release_all()
 
     # ------------------------------------------------------------------ sending
 
@@ -210,28 +286,24 @@ class Forwarder:
         entry = _InFlight(claim, len(messages), self.clock())
         self._inflight[claim.id] = entry
         for name, payload, n in messages:
+            if self.basic_ingest_rule is not None:
+                name = basic_ingest(name, self.basic_ingest_rule)
+            message = (name, payload, n)
+            problem = check_message(name, payload, self.qos)
+            if problem is not None:
+                self._done.put((entry, UndeliverableError(problem), message))
+                continue
             try:
-                check_topic(name)
-                if len(payload) > 128 * 1024:
-                    raise UndeliverableError(f"payload is {len(payload)} bytes, more than IoT Core's 131072")
                 fut = self.publisher.publish(name, payload, self.qos)
-            except UndeliverableError as exc:
-                self._dead_letter(exc, payload, name, n)
-                self._done.put((claim.id, None))
+            except PublishError as exc:  # the seam says futures fail; a publisher that raises is taken at its word
+                self._done.put((entry, exc, message))
                 continue
-            except RetryableError as exc:
-                self._done.put((claim.id, exc))
-                continue
-            fut.add_done_callback(self._callback(claim.id, name, payload, n))
+            fut.add_done_callback(self._callback(entry, message))
             self.published += 1
 
-    def _callback(self, claim_id: int, name: str, payload: bytes, n: int) -> Callable[[Future], None]:
-        def done(fut: Future) -> None:
-            exc = fut.exception()
-            if isinstance(exc, UndeliverableError):
-                self._dead_letter(exc, payload, name, n)
-                exc = None
-            self._done.put((claim_id, exc))
+    def _callback(self, entry: _InFlight, message: tuple[str, bytes, int]) -> Callable[[Future], None]:
+        def done(fut: Future) -> None:  # on the client's thread: hand over, decide nothing here
+            self._done.put((entry, fut.exception(), message))
             self.wake.set()
 
         return done
@@ -252,32 +324,49 @@ class Forwarder:
         any_done = False
         while True:
             try:
-                item = self._done.get_nowait()
+                entry, exc, (name, payload, n) = self._done.get_nowait()
             except queue.Empty:
                 break
             any_done = True
-            claim_id, exc = item
-            entry = self._inflight.get(claim_id)
-            if entry is None:  # released after a failure; its late completion changes nothing
-                continue
+            if self._inflight.get(entry.claim.id) is not entry:
+                continue  # handed back already (a failure, a timeout): its late completion changes nothing
+            if isinstance(exc, UndeliverableError):
+                self._dead_letter(exc, payload, name, n)
+                exc = None
             if exc is not None:
                 self.failures += 1
-                if self._failed is None:
+                if isinstance(exc, NotAuthorizedError):
+                    self._block(str(exc))
+                if self._failed is None or isinstance(exc, NotAuthorizedError):
                     self._failed = exc
-                del self._inflight[claim_id]
+                del self._inflight[entry.claim.id]
                 continue
             entry.remaining -= 1
             if entry.remaining == 0:
-                del self._inflight[claim_id]
+                del self._inflight[entry.claim.id]
                 done.append(entry.claim)
         if done:
             self.buffer.ack(*done)
             self.backoff.reset()
+            if self.blocked is not None:
+                self._block(None)
         if any_done:
-            self._last_progress = self.clock()
             with self.settled:
                 self.settled.notify_all()
         return any_done
+
+    def _block(self, reason: str | None) -> None:
+        """Enter (a reason) or leave (None) the not-authorized state, saying so once each."""
+        if (reason is None) == (self.blocked is None):
+            return
+        if reason is not None:
+            log.error("delivery stopped: the broker refused a topic (%s). The readings are kept; "
+                      "fix the thing's policy (or the topic). Trying again every %g s.", reason, self.auth_retry_s)
+        else:
+            log.warning("delivery authorized again: forwarding resumes (was: %s)", self.blocked)
+        self.blocked = reason
+        if self.stage is not None:
+            self.stage.blocked(reason)
 
     def wait_settled(self, timeout: float) -> bool:
         """Wait until nothing is in flight (another thread runs the loop); False on timeout."""
@@ -285,24 +374,35 @@ class Forwarder:
             return self.settled.wait_for(lambda: not self._inflight, timeout)
 
     def _check_timeouts(self) -> None:
+        """Fail each claim whose clock has run ``claim_timeout_s`` while connected."""
         if not self._inflight:
-            self._last_progress = self.clock()
             return
+        now = self.clock()
         if not self.publisher.connected:
-            # An outage is not a timeout: the MQTT client holds QoS 1 publishes until it reconnects.
-            self._last_progress = self.clock()
+            # An outage is not a timeout: each claim's clock starts again when the link is back.
+            for entry in self._inflight.values():
+                entry.sent_at = now
             return
-        if self.clock() - self._last_progress > self.ack_timeout_s:
+        for cid in [cid for cid, e in self._inflight.items() if now - e.sent_at > self.claim_timeout_s]:
+            del self._inflight[cid]
             self.failures += 1
-            self._failed = RetryableError(f"no PUBACK within {self.ack_timeout_s} s")
-            self._inflight.clear()
+            if self._failed is None:
+                self._failed = RetryableError(f"no PUBACK within {self.claim_timeout_s:g} s")
+
+    def oldest_in_flight_s(self) -> float | None:
+        """Age of the oldest claim in flight by its clock (see :meth:`_check_timeouts`), or None."""
+        if not self._inflight:
+            return None
+        return self.clock() - min(e.sent_at for e in self._inflight.values())
 
     def status(self) -> dict[str, Any]:
         return {
             "in_flight_claims": len(self._inflight),
             "in_flight_messages": self.messages_in_flight,
+            "oldest_in_flight_s": self.oldest_in_flight_s(),
             "published": self.published,
             "failures": self.failures,
+            "blocked": self.blocked,
             "unscored": self.unscored,
             "scoring_error": self.scoring_error,
             "connected": self.publisher.connected,
