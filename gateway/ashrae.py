@@ -9,11 +9,12 @@ meter_reading, site_id, ...``; see ``data/README.md``) is parsed by one row pars
 - :func:`read`, the face of training and ``gateway score``: the accepted rows as numpy columns
   (a :class:`Table`), plus ``(line, reason)`` for each rejected row.
 
-The same row gets the same verdict and the same words from both. ``timestamp`` is the site's
-local standard time, converted to UTC with :func:`gateway.sites.local_to_utc_ms`; a parsed row
-also passes :func:`gateway.readings.check` (NaN, negative, future...) before it counts as a
-reading, so ``Rejected`` rows carry the raw line (cut to :data:`RAW_LIMIT` characters) and
-``file:line`` (the header is line 1).
+The same row gets the same verdict, in the same words, from both (``read`` also refuses weather
+cells that are not numbers: the replay does not read them). ``timestamp`` is the site's local
+standard time, converted to UTC with :func:`gateway.sites.local_to_utc_ms`. A parsed row counts
+as a reading only if it also passes :func:`gateway.readings.check` (NaN, negative, future...).
+A row that does not is located ``file:line`` (the header is line 1); the streaming face keeps
+its raw text too, cut to :data:`RAW_LIMIT` characters.
 
 :func:`stream_json` reads the same fields from a JSON array of messages (``{"building_id": 1433,
 "meter": 0, "site_id": 15, "timestamp": 1451624400000, "meter_reading": 45.2}``; a numeric
@@ -249,9 +250,10 @@ def _quoted(text: str, lines: Iterator[str], n: int) -> tuple[list[str] | str, i
     def more() -> Iterator[str]:
         yield text
         for line in lines:
-            if len(line) > MAX_LINE:
-                raise csv.Error(f"line {len(line):,} characters long inside a quoted field")
             taken.append(line.rstrip("\r\n"))
+            if len(line) > MAX_LINE:
+                taken[-1] = raw_text(taken[-1])
+                raise csv.Error(f"a line of {len(line):,} characters inside a quoted field")
             yield line
 
     reader = csv.reader(more())
@@ -311,11 +313,11 @@ def stream(
         it = cols.timestamp
         for first, last, text, fields, verdict in rows(f, cols, offsets, source, start + 1):
             if by_time:
-                now = fields[it] if fields is not None and len(fields) > it else None
-                if now != stamp and count and now is not None:
+                this = fields[it] if fields is not None and len(fields) > it else None
+                if this != stamp and count and this is not None:
                     yield Batch(readings, rejected, done), key
                     readings, rejected, count, key = [], [], 0, None
-                stamp = now
+                stamp = this
             if type(verdict) is str:
                 rejected.append(Rejected(verdict, raw_text(text), source, f"{where}{first}"))
             else:
@@ -386,6 +388,8 @@ def json_items(text: str) -> Iterator[tuple[int, str, Any, str | None, bool]]:
         pos = _SPACE.match(text, end).end()
         if text.startswith(",", pos):
             pos = _SPACE.match(text, pos + 1).end()
+            if text.startswith("]", pos):
+                return  # a trailing comma: nothing is lost by taking it
             continue
         if text.startswith("]", pos):
             return
@@ -399,6 +403,8 @@ def json_items(text: str) -> Iterator[tuple[int, str, Any, str | None, bool]]:
 def _value_end(text: str, pos: int) -> int | None:
     """Where the JSON value starting at ``pos`` ends, counting brackets outside strings; None
     when it never does (the file is cut short)."""
+    if pos >= len(text):
+        return None
     if text[pos] not in "[{":
         if text[pos] == '"':
             m = _TOKEN.match(text, pos)

@@ -500,6 +500,14 @@ def test_a_json_file_cut_short_gives_what_precedes_the_cut_and_stops_before_it(t
     assert flat(run(ReplaySource("j", path), 9))[0] == flat(whole)[0][3:]
 
 
+@pytest.mark.parametrize("text", ["[", "[1,", '[{"a": [1, 2', '[{"a": "b', "[1 2]", "[,]", "{}", ""])
+def test_a_json_array_broken_anywhere_never_raises(tmp_path, text):
+    batches = run(ReplaySource("j", _write(tmp_path / "b.json", text)))
+    readings, rejected = flat(batches)
+    assert readings == [] and rejected and all(r.reason.startswith(("json: ", "message: ")) for r in rejected)
+    assert all(r.where.startswith("b.json:1[") for r in rejected)
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

@@ -16,7 +16,10 @@ parse, a value the checks refuse, a 10 MB line, a message nested 100,000 deep, b
 :class:`~gateway.readings.Rejected` with its reason, its raw text (at most 1 KB) and
 ``file:line`` (``readings.csv.gz:767766``, the header being line 1; ``readings.json:1[12]`` for
 the 13th message of a JSON array, which starts on line 1), and the source goes on: its
-position passes the bad input, so a restart does not meet it again.
+position passes the bad input, so a restart does not meet it again. Only a file cut short (a
+gzip or a JSON array that ends early) stops the source, at the cut: the rows before it come
+out, and the position stays before the cut, so a restart meets it again (one rejection, no
+failure) and a mended file is read on from there.
 
 Position is the number of data lines consumed (CSV, header excluded) or messages consumed
 (JSON). Resuming from ``N`` skips exactly ``N`` lines without parsing them.
