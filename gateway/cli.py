@@ -338,6 +338,7 @@ def buffer_recover(src: str, dst: str) -> None:
     click.echo(f"recovered {src} into {dst}:")
     for table in results:
         click.echo(f"  {table}")
+    click.echo(f"point buffer.path at {dst} to use it (moving it over {src} would meet {src}'s old WAL)")
 
 
 @main.group()

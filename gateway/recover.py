@@ -119,6 +119,8 @@ def _recover(source: sqlite3.Connection, src: Path, dst: Path) -> list[TableResu
     tables = [(name, sql) for name, sql in source.execute(
         "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
         " AND name != 'migrations' ORDER BY rowid")]
+    if "readings" not in {name for name, _ in tables}:
+        raise BufferError(f"{src}: not a gateway buffer (it has no readings table)")
     indexes = [sql for (sql,) in source.execute(
         "SELECT sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")]
     Buffer(dst).close()  # the schema and migrations, exactly as a gateway makes them

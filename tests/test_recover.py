@@ -94,6 +94,7 @@ def recover_stdout(made: Made, dst: Path, readings_line: str, **lines: str) -> s
     for table, n in made.counts.items():
         default = f"{table}: {n:,} saved, 0 lost"
         out.append("  " + (readings_line if table == "readings" else lines.get(table, default)))
+    out.append(f"point buffer.path at {dst} to use it (moving it over {made.path} would meet {made.path}'s old WAL)")
     return "\n".join(out) + "\n"
 
 
@@ -277,3 +278,23 @@ def test_recover_reads_what_a_killed_gateway_left_in_the_wal(made):
     assert buf.db.execute("SELECT count(*) FROM readings").fetchone()[0] == N + 1_000 - made.lost
     assert buf.position("sim") == {"tick": 420}
     buf.close()
+
+
+def test_recover_of_a_file_that_is_not_a_buffer(tmp_path):
+    src = tmp_path / "notes.db"
+    db = sqlite3.connect(src)
+    db.execute("CREATE TABLE notes(text)")
+    db.commit()
+    db.close()
+    rec = gateway("buffer", "recover", src, tmp_path / "new.db")
+    assert (rec.returncode, rec.stdout, rec.stderr) == (2, "", f"error: {src}: not a gateway buffer (it has no readings table)\n")
+    assert not (tmp_path / "new.db").exists()
+
+
+def test_recover_of_a_file_that_is_not_a_database(tmp_path):
+    src = tmp_path / "garbage.db"
+    src.write_bytes(random.Random(1).randbytes(8192))
+    rec = gateway("buffer", "recover", src, tmp_path / "new.db")
+    assert (rec.returncode, rec.stdout) == (2, "")
+    assert rec.stderr == f"error: {src}: cannot read its schema (file is not a database): nothing in it can be recovered\n"
+    assert not (tmp_path / "new.db").exists()
