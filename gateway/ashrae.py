@@ -251,9 +251,9 @@ def _quoted(text: str, lines: Iterator[str], n: int) -> tuple[list[str] | str, i
         yield text
         for line in lines:
             taken.append(line.rstrip("\r\n"))
-            if len(line) > MAX_LINE:
-                taken[-1] = raw_text(taken[-1])
-                raise csv.Error(f"a line of {len(line):,} characters inside a quoted field")
+            if len(taken[-1]) > MAX_LINE:
+                size, taken[-1] = len(taken[-1]), raw_text(taken[-1])
+                raise csv.Error(f"a line of {size:,} characters inside a quoted field")
             yield line
 
     reader = csv.reader(more())

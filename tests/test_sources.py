@@ -263,13 +263,20 @@ def test_a_10_mb_line_is_rejected_cut_to_1_kb_and_its_batch_survives(tmp_path):
     assert rejected[0].raw == huge[:1024] + f"… [truncated: {len(huge):,} characters]"
 
 
-def test_a_quoted_field_over_csv_s_field_limit_is_rejected_and_reading_goes_on(tmp_path):
-    field = "\n".join(["x" * 1000] * 200)  # 200 kB in one quoted field over 200 lines: csv.Error
+@pytest.mark.parametrize(
+    "field, reason",
+    [
+        ("\n".join(["x" * 1000] * 200), "csv: field larger than field limit (131072)"),  # 200 kB over 200 lines
+        ("x\n" + "y" * 200_000, f"csv: a line of {200_002 + len(TAIL) - len('Education,'):,} characters inside a quoted field"),
+    ],
+    ids=["many-lines", "one-huge-line"],
+)
+def test_a_quoted_field_over_csv_s_field_limit_is_rejected_and_reading_goes_on(tmp_path, field, reason):
     bad = row(tail=f'"{field}",' + TAIL.split(",", 1)[1])
     path = write_csv(tmp_path / "q.csv", [row(value="1.0"), bad, row(value="2.0")])
     readings, rejected = replay_all(ReplaySource("q", path, batch_size=2))
     assert [r.value for r in readings] == [1.0, 2.0]
-    assert (rejected[0].reason, rejected[0].where) == ("csv: field larger than field limit (131072)", "q.csv:3")
+    assert (rejected[0].reason, rejected[0].where) == (reason, "q.csv:3")
     assert len(rejected[0].raw) < 1100
     # The rest of the broken field is rejected line by line; nothing of it becomes a reading.
     assert all(r.reason.startswith("columns: ") for r in rejected[1:])
