@@ -80,10 +80,11 @@ def run(config_path: str, exit_when_idle: bool, check: bool) -> None:
         f"stopped: {gw.buffer.stats['stored']} stored, {gw.buffer.stats['delivered']} delivered, "
         f"{gw.buffer.stats['quarantined']} quarantined, {f.published} messages published"
     )
-    for name, error in gw.source_errors.items():
-        click.echo(f"error: source {name} stopped: {error}", err=True)
-    if gw.source_errors:
-        sys.exit(1)
+    dead = gw.dead()
+    for stage, error in dead.items():
+        click.echo(f"error: {stage} is dead: {error}", err=True)
+    if dead:
+        sys.exit(1)  # so the Greengrass nucleus restarts the component
 
 
 def _open_buffer(config_path: str | None, db: str | None):
@@ -146,9 +147,25 @@ def status(config_path: str | None, db: str | None, as_json: bool) -> None:
         rows.append(("scored / flagged", f"{sc['scored']:,} / {sc['flagged']:,} anomalies"))
         why = "; ".join(f"{k} ({v:,})" for k, v in sc["unscored_reasons"].items())
         rows.append(("not scored", f"{sc['unscored']:,}" + (f": {why}" if why else "")))
+    rows += _stage_rows(st.get("health"))
     for k, v in rows:
         t.add_row(k, v)
     Console().print(t)
+
+
+def _stage_rows(health: dict | None) -> list[tuple[str, str]]:
+    """One row per stage saved by a running (or the last) ``gateway run``."""
+    if not health:
+        return [("stages", "unknown (no gateway run has recorded them)")]
+    rows = []
+    for name, s in sorted(health.get("stages", {}).items()):
+        text = f"{s['state']} since {_ts(s.get('since'))}"
+        if s.get("retries"):
+            text += f" after {s['retries']:,} {'retry' if s['retries'] == 1 else 'retries'}"
+        if s.get("error"):
+            text += f": {s['error']}"
+        rows.append((f"stage {name}", text))
+    return rows
 
 
 @main.group(invoke_without_command=True)
@@ -341,20 +358,40 @@ def buffer_recover(src: str, dst: str) -> None:
     click.echo(f"point buffer.path at {dst} to use it (moving it over {src} would meet {src}'s old WAL)")
 
 
-@main.group()
+# What `gateway model train` imports, and the extra that installs it.
+TRAIN_EXTRA_MODULES = ("lightgbm", "onnxmltools", "onnx", "sklearn")
+
+
+class _ModelGroup(click.Group):
+    """``gateway model``: ``train`` is looked up only when asked for, so nothing is imported
+    at start-up, and without the ``train`` extra it says so instead of a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), "train"})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name != "train":
+            return super().get_command(ctx, name)
+        from gateway.model.train import train_command
+
+        def checked(**kwargs):
+            import importlib
+
+            for module in TRAIN_EXTRA_MODULES:
+                try:
+                    importlib.import_module(module)
+                except ImportError:
+                    _fail(GatewayError(f"gateway model train needs the train extra ({module} is missing): "
+                                       "pip install 'meter-gateway[train]'"))
+            return train_command.callback(**kwargs)
+
+        return click.Command(name, params=train_command.params, callback=checked, help=train_command.help,
+                             short_help=train_command.short_help)
+
+
+@main.group(cls=_ModelGroup)
 def model() -> None:
     """Train and check models."""
-
-
-def _attach_train() -> None:
-    try:
-        from gateway.model.train import train_command
-    except ImportError:  # the train extra is not installed
-        return
-    model.add_command(train_command, "train")
-
-
-_attach_train()
 
 
 @model.command("check")

@@ -1,15 +1,27 @@
-"""The runner's wiring, in process, with the in-memory twins of both seams."""
+"""The runner's wiring, in process, with the in-memory twins of both seams; the stages'
+health and retry policy; the ``gateway run`` exit code and the status display."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
+import sys
 import threading
 
+import yaml
+from click.testing import CliRunner
+
+from gateway import cli
+from gateway.buffer import Buffer
 from gateway.config import validate
+from gateway.forwarder import Backoff
 from gateway.messages import decode
 from gateway.publishers import MemoryPublisher
 from gateway.readings import Reading
 from gateway.runner import Gateway
 from gateway.sources import Batch, ListSource
+
+from conftest import THING
 
 T0 = 1_767_225_600_000
 MIN = 60_000
@@ -43,25 +55,157 @@ def test_sources_buffer_forwarder_wired_and_positions_kept(tmp_path):
     assert sorted(again) == [T0 + i * MIN for i in range(250, 300)]
 
 
-class Broken:
-    """A source that yields one batch and then fails, as a device driver might."""
+class Flaky:
+    """A source whose device fails ``failures`` times (OSError, as a serial port that vanished)
+    before it works; after each failure it is asked again from its committed position."""
 
-    name = "broken"
+    name = "flaky"
+
+    def __init__(self, n: int, failures: int, exc: BaseException = OSError("serial port vanished")):
+        self.inner = ListSource("flaky", readings(n, building="8"), size=10)
+        self.failures = failures
+        self.exc = exc
+        self.positions: list = []
 
     def batches(self, position, stop: threading.Event):
-        if position is None:
-            yield Batch(readings(5, building="8"), [], 5)
-        raise OSError("serial port vanished")
+        self.positions.append(position)
+        for batch in self.inner.batches(position, stop):
+            yield batch
+            if self.failures:
+                self.failures -= 1
+                raise self.exc
 
 
-def test_a_broken_source_stops_itself_never_the_gateway(tmp_path):
-    pub = MemoryPublisher()
-    gw = Gateway(config(tmp_path), publisher=pub,
-                 sources=[Broken(), ListSource("list", readings(40), size=10)]).start()
+def fast(tmp_path, sources, **kw):
+    """A gateway on the in-memory publisher whose stages retry within milliseconds."""
+    kw.setdefault("dead_after_s", 5.0)
+    return Gateway(config(tmp_path), publisher=kw.pop("publisher", MemoryPublisher()), sources=sources,
+                   stage_backoff=lambda: Backoff(0.001, 0.01), **kw)
+
+
+def test_a_transient_source_error_is_retried_from_the_committed_position(tmp_path):
+    flaky = Flaky(40, failures=2)
+    gw = fast(tmp_path, [flaky, ListSource("list", readings(40), size=10)]).start()
     assert gw.wait(until_idle=True, timeout=30)
+    stages = gw.health.snapshot()
+    gw.stop()
+    assert flaky.positions == [None, 10, 20]  # each retry resumes after the last stored batch
+    got = sorted((r[0], r[1]) for m in gw.publisher.messages for r in decode(m.payload)["readings"])
+    assert got == sorted({(f"{b}:steam", T0 + i * MIN) for b in "78" for i in range(40)})
+    assert stages["source flaky"]["state"] == "finished" and stages["source flaky"]["retries"] == 2
+    assert gw.dead() == {}
+
+
+def test_a_source_that_cannot_continue_is_dead_and_ends_the_wait(tmp_path):
+    pub = MemoryPublisher()
+    gw = fast(tmp_path, [Flaky(40, failures=1, exc=ValueError("bad frame")), ListSource("list", readings(5))],
+              publisher=pub).start()
+    assert gw.wait(timeout=30)  # no until_idle: only a dead stage ends this wait
+    assert gw.dead() == {"source flaky": "ValueError: bad frame"}
     status = gw.status()
     gw.stop()
-    assert status["source_errors"] == {"broken": "OSError: serial port vanished"}
-    buildings = {r[0] for m in pub.messages for r in decode(m.payload)["readings"]}
-    assert buildings == {"7:steam", "8:steam"}  # the broken source's stored batch went too
-    assert sum(decode(m.payload)["n"] for m in pub.messages) == 45
+    assert status["stages"]["source flaky"]["state"] == "dead"
+    saved = Buffer(tmp_path / "buffer.db", readonly=True)
+    try:  # what `gateway status` reads, from another process
+        health = saved.health()
+    finally:
+        saved.close()
+    assert health["stages"]["source flaky"] == {**status["stages"]["source flaky"], "state": "dead"}
+    assert health["stages"]["forwarder"]["state"] == "stopped"
+
+
+class Unplugged:
+    """A source whose device never answers."""
+
+    name = "unplugged"
+
+    def batches(self, position, stop: threading.Event):
+        raise OSError("serial port vanished")
+        yield  # a generator, like every source
+
+
+def test_transient_errors_that_last_are_dead_after_dead_after_s(tmp_path):
+    gw = fast(tmp_path, [Unplugged()], dead_after_s=0.2).start()
+    assert gw.wait(timeout=30)
+    stages = gw.health.snapshot()
+    gw.stop()
+    assert gw.dead() == {"source unplugged": "OSError: serial port vanished"}
+    assert stages["source unplugged"]["retries"] >= 3
+
+
+def test_the_forwarder_retries_a_locked_buffer_and_dies_of_a_bug(tmp_path):
+    gw = fast(tmp_path, [ListSource("list", readings(300), size=100)])
+    real_claim = gw.buffer.claim
+    locked = [3]
+
+    def claim(limit=1000):
+        if locked[0]:
+            locked[0] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return real_claim(limit)
+
+    gw.buffer.claim = claim
+    gw.start()
+    assert gw.wait(until_idle=True, timeout=30)
+    assert gw.health.snapshot()["forwarder"]["retries"] == 3
+    assert gw.health.snapshot()["forwarder"]["state"] == "running"
+    assert sum(decode(m.payload)["n"] for m in gw.publisher.messages) == 300
+
+    def broken(limit=1000):
+        raise ValueError("Out of range float values are not JSON compliant: nan")
+
+    gw.buffer.claim = broken
+    gw.buffer.put(readings(1, building="9"))
+    assert gw.wait(timeout=30)
+    gw.stop()
+    assert gw.dead() == {"forwarder": "ValueError: Out of range float values are not JSON compliant: nan"}
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def _write(tmp_path, **extra):
+    conf = {"thing": THING, "buffer": {"path": str(tmp_path / "buffer.db")},
+            "sources": [{"type": "simulator", "name": "sim", "count": 1, "meters": 3}],
+            "publisher": {"type": "memory"}, **extra}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def test_gateway_run_exits_1_when_a_stage_is_dead(tmp_path, monkeypatch):
+    import gateway.runner as runner
+
+    monkeypatch.setattr(runner, "build_source", lambda spec: Flaky(40, failures=1, exc=ValueError("bad frame")))
+    result = CliRunner().invoke(cli.main, ["run", "--config", str(_write(tmp_path))])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[-1] == "error: source flaky is dead: ValueError: bad frame"
+
+
+def test_gateway_status_shows_each_stage(tmp_path):
+    path = _write(tmp_path)
+    buf = Buffer(tmp_path / "buffer.db")
+    buf.save_health({"updated": 1_767_225_600_000, "stages": {
+        "forwarder": {"state": "blocked", "error": "PUBACK NOT_AUTHORIZED (135) for 'dt/meters/1/gw/raw'",
+                      "since": 1_767_225_600_000, "retries": 0},
+        "source sim": {"state": "dead", "error": "ValueError: bad frame", "since": 1_767_225_660_000, "retries": 4},
+    }})
+    buf.close()
+    as_json = CliRunner().invoke(cli.main, ["status", "--config", str(path), "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.output)["health"]["stages"]["source sim"]["state"] == "dead"
+    table = CliRunner(env={"COLUMNS": "200"}).invoke(cli.main, ["status", "--config", str(path)])
+    assert table.exit_code == 0, table.output
+    lines = [" ".join(line.replace("│", " ").split()) for line in table.output.splitlines()]
+    assert ("stage forwarder blocked since 2026-01-01 00:00:00Z: "
+            "PUBACK NOT_AUTHORIZED (135) for 'dt/meters/1/gw/raw'") in lines
+    assert "stage source sim dead since 2026-01-01 00:01:00Z after 4 retries: ValueError: bad frame" in lines
+
+
+def test_model_train_without_the_train_extra_is_a_message(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lightgbm", None)  # `import lightgbm` raises ImportError
+    result = CliRunner().invoke(cli.main, ["model", "train", "--data", __file__, "--out", "/nonexistent/out"])
+    assert result.exit_code == 2
+    assert result.stderr == ("error: gateway model train needs the train extra (lightgbm is missing): "
+                             "pip install 'meter-gateway[train]'\n")
+    assert result.exception is None or isinstance(result.exception, SystemExit)
