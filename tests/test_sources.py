@@ -297,6 +297,15 @@ def test_a_gzip_file_cut_short_gives_its_rows_and_stops_before_the_cut(tmp_path)
     assert [(b.readings, [r.reason for r in b.rejected], b.position) for b in again] == [([], [rejected[0].reason], n)]
 
 
+def test_bytes_that_are_not_utf_8_cost_their_row_only(tmp_path):
+    path = tmp_path / "u.csv"
+    lines = [row(value="1.0"), row(building="14\udcff3"), row(tail=TAIL.replace("Pittsburgh", "Pitt\udcffsburgh")), row(value="2.0")]
+    path.write_bytes("\n".join([HEADER, *lines]).encode("utf-8", "surrogateescape") + b"\n")
+    readings, rejected = replay_all(ReplaySource("u", path))
+    assert [r.value for r in readings] == [1.0, 45.275, 2.0]  # a bad byte in the city column does no harm
+    assert [(r.reason, r.where) for r in rejected] == [("building_id: '14\ufffd3' is not an integer", "u.csv:3")]
+
+
 def write_json_lines(path: Path, messages: list[str]) -> Path:
     """A JSON array written one message per line, as text (so it may hold what json.dumps cannot)."""
     path.write_text("[\n" + ",\n".join(messages) + "\n]\n", encoding="utf-8")
