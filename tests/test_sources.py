@@ -744,6 +744,19 @@ def test_a_weather_message_that_cannot_be_decoded_costs_only_itself(tmp_path):
         WeatherReplay(tmp_path / "x.json")
 
 
+def test_a_400_digit_integer_in_a_weather_message_costs_that_message_or_field(tmp_path):
+    big = "9" * 400
+    path = write_json_lines(tmp_path / "w.json", [
+        json.dumps(_weather(15, T0, 1.0)),
+        f'{{"site_id": 15, "timestamp": {big}, "air_temperature": 2.0}}',
+        f'{{"site_id": 15, "timestamp": {T0 + HOUR}, "air_temperature": {big}, "wind_speed": 3.0}}',
+    ])  # fmt: skip
+    w = WeatherReplay(path)
+    assert w.rejected == [(1, f"timestamp: {big[:20]}… [400 characters] is not epoch milliseconds")]
+    out = w.table().lookup(["15", "15"], [T0, T0 + HOUR])
+    assert out["air_temperature"][0] == 1.0 and math.isnan(out["air_temperature"][1]) and out["wind_speed"][1] == 3.0
+
+
 def _weather(site, ts, temp, **fields):
     return {"site_id": site, "timestamp": ts, "air_temperature": temp, **fields}
 

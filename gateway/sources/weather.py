@@ -118,8 +118,9 @@ def parse_message(msg: Any) -> dict[str, Any] | str:
     ts = msg.get("timestamp")
     if isinstance(ts, float) and ts.is_integer():
         ts = int(ts)
-    if isinstance(ts, bool) or not isinstance(ts, int):
-        return f"timestamp: {ts!r} is not epoch milliseconds"
+    if isinstance(ts, bool) or not isinstance(ts, int) or not -(2**63) <= ts < 2**63:
+        shown = repr(ts) if len(repr(ts)) <= 40 else f"{repr(ts)[:20]}… [{len(repr(ts)):,} characters]"
+        return f"timestamp: {shown} is not epoch milliseconds"
     out: dict[str, Any] = {"site_id": str(site), "timestamp": ts}
     for field in WEATHER_FIELDS:
         out[field] = _float(msg.get(field))
@@ -131,7 +132,7 @@ def _float(v: Any) -> float:
         return math.nan
     try:
         return float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer of 400 digits
         return math.nan
 
 
