@@ -208,6 +208,14 @@ def test_bad_rows_are_rejected_with_a_reason_and_reading_goes_on(tmp_path, bad, 
     assert (table.meter_reading.tolist(), table.rejected) == ([1.0, 2.0], [(3, reason)])
 
 
+def test_blank_lines_are_no_rows_for_either_face_but_count_in_the_position(tmp_path):
+    path = write_csv(tmp_path / "b.csv", [row(value="1.0"), "", "\r", row(value="2.0")])
+    batches = run(ReplaySource("b", path, batch_size=1))
+    assert [(len(b.readings), b.rejected, b.position) for b in batches] == [(1, [], 1), (1, [], 4)]
+    table = ashrae.read(path)
+    assert (table.line_no.tolist(), table.rejected) == ([2, 5], [])
+
+
 @pytest.mark.parametrize(
     "bad, reason",
     [
