@@ -203,12 +203,14 @@ def rows(
                 yield first, n, text, fields, f"meter: {_show(fields[im])} is not a meter code 0..3"
                 continue
             if not (building.isdigit() and building.isascii()):
-                yield first, n, text, fields, f"building_id: {_show(building)} is not an integer" if building else "building_id: empty"
+                why = f"building_id: {_show(building)} is not an integer" if building else "building_id: empty"
+                yield first, n, text, fields, why
                 continue
             cache = caches.get(site)
             if cache is None:
                 if site not in offsets:
-                    yield first, n, text, fields, f"site_id: {_show(site)} has no UTC offset" if site else "site_id: empty"
+                    why = f"site_id: {_show(site)} has no UTC offset" if site else "site_id: empty"
+                    yield first, n, text, fields, why
                     continue
                 cache = caches[site] = {}
             if not raw_value:
@@ -378,7 +380,8 @@ def json_items(text: str) -> Iterator[tuple[int, str, Any, str | None, bool]]:
         except RecursionError:
             value, end, reason = None, _value_end(text, pos), "json: nested too deeply to decode"
         except json.JSONDecodeError as exc:
-            value, end, reason = None, _value_end(text, pos), f"json: {exc.msg} at line {text.count(chr(10), 0, exc.pos) + 1}"
+            at = line + text.count("\n", pos, exc.pos)
+            value, end, reason = None, _value_end(text, pos), f"json: {exc.msg} at line {at}"
         except ValueError as exc:  # e.g. an integer longer than sys.get_int_max_str_digits()
             value, end, reason = None, _value_end(text, pos), f"json: {exc}"
         if end is None:
@@ -437,8 +440,9 @@ def stream_json(
 
     Yields ``(batch, key)`` as :func:`stream` does; the position counts messages, the key is a
     batch's first UTC timestamp. A rejection is located ``file:line[index]``: the line the
-    message starts on, and its index in the array (a compact file is all one line). A file that cannot be followed to its end (cut short) ends with
-    a rejection at the break, and the position does not pass it: a fixed file is read on from there.
+    message starts on, and its index in the array (a compact file is all one line). A file that
+    cannot be followed to its end (cut short) ends with a rejection at the break, and the position
+    does not pass it: a mended file is read on from there.
     """
     path = Path(path)
     offsets = UTC_OFFSET_HOURS if offsets is None else offsets
