@@ -17,13 +17,13 @@ from gateway.model.features import (
     FEATURE_INDEX,
     FEATURE_NAMES,
     PRIMARY_USE_CODE,
-    WEATHER_FIELDS,
     Buildings,
     calendar,
     featurize,
 )
 from gateway.readings import METER_CODE, METER_TYPES
 from gateway.sites import COUNTRY, UTC_OFFSET_HOURS, local_to_utc_ms
+from gateway.sources.weather import WEATHER_FIELDS
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 METADATA = DATA / "building_metadata.csv"
