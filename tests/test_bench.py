@@ -96,3 +96,22 @@ def test_real_time_estimate_spreads_one_save_over_the_readings_between_saves():
     result = {"gateway_seconds": 10.0, "gateway_readings": 100_000, "disk_bytes_written_per_reading": 200.0,
               "stats_save_every_s": 300.0, "stats_save_bytes": 3_000_000, "stats_save_bytes_per_reading_at_1x": 250.0}
     assert bench.at_real_time(result) == pytest.approx((20_000_000 - 3_000_000) / 100_000 + 250)
+
+
+def test_a_drain_that_stalls_or_retries_fails_loudly(tmp_path):
+    from gateway.buffer import Buffer
+    from gateway.forwarder import Forwarder
+    from gateway.publishers import MemoryPublisher
+
+    buf = Buffer(tmp_path / "buffer.db", synchronous="normal")
+    buf.put(bench._readings(10, meters=10))
+    twin = MemoryPublisher()
+    twin.online = False  # every publish fails and is retried after a backoff: never drains
+    with pytest.raises(bench.BenchError, match=r"^bench: the drain: forwarder did not drain within 0.2 s"):
+        bench._drain(Forwarder(buf, twin, "gw"), 0.2, "the drain")
+    twin.online = True
+    fwd = Forwarder(buf, twin, "gw")
+    fwd.failures = 1  # as if a publish had failed and been retried inside the time
+    with pytest.raises(bench.BenchError, match=r"^bench: the drain: 1 failed publishes were retried inside the time$"):
+        bench._drain(fwd, 30, "the drain")
+    buf.close()
