@@ -695,15 +695,23 @@ def test_the_simulator_with_odd_metadata_still_makes_valid_readings(tmp_path):
     assert [(r, check(r)) for r in readings if check(r) is not None] == []
 
 
-@pytest.mark.xfail(strict=True, reason="simulator.py (not this change's file): a backfill (speed null) runs "
-                   "past now + 24 h, and a start may be in the future; the buffer then quarantines every "
-                   "such reading as sim@ts. Remove this mark once the simulator stops there.")
 def test_a_simulator_backfill_never_runs_more_than_24_h_ahead():
-    from gateway.readings import check
+    """With speed null and a start at now, 1,500 minute ticks would end 25 h ahead, and the buffer
+    would quarantine the last hour as sim@ts. The simulator waits at the horizon instead."""
+    from gateway.readings import MAX_FUTURE_MS, check
 
-    now = int(time.time() * 1000)
-    readings, _ = flat(run(SimulatorSource("sim", meters=2, speed=None, start_ms=now, count=1500)))
-    assert [check(r) for r in readings if check(r) is not None] == []
+    now = 1_700_000_000_000
+
+    class StopAtTheFirstWait(threading.Event):
+        def wait(self, timeout=None):
+            self.waited = timeout
+            return True  # the caller stops: what came before the wait is what we check
+
+    stop = StopAtTheFirstWait()
+    src = SimulatorSource("sim", meters=2, speed=None, start_ms=now, count=1500, wall=lambda: now / 1000)
+    readings = [r for b in src.batches(None, stop) for r in b.readings]
+    assert readings and [check(r, now) for r in readings if check(r, now) is not None] == []
+    assert max(r.ts for r in readings) <= now + MAX_FUTURE_MS and stop.waited > 0
 
 
 def test_simulator_real_time_paces_with_stop_wait(no_sleep):

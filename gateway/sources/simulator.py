@@ -20,7 +20,9 @@ Position is the next tick's timestamp (epoch ms, UTC; a reading's ``ts`` is the 
 interval). ``speed=None`` generates as fast as possible up to ``end_ms`` (or ``count`` ticks after
 ``start_ms``); ``speed=1.0`` is real time, ``speed=60.0`` a minute of data per second; waits are
 on ``stop.wait``. Pacing counts from the position it starts at: after a restart from an old
-position the data clock keeps that lag (it does not rush to catch up with the wall clock).
+position the data clock keeps that lag (it does not rush to catch up with the wall clock). At any
+speed it never runs more than 24 h ahead of the wall clock (the most a reading may be ahead of
+it): there it waits for the clock.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import numpy as np
 
 from gateway.errors import ConfigError
-from gateway.readings import METER_TYPES, Reading
+from gateway.readings import MAX_FUTURE_MS, METER_TYPES, Reading
 from gateway.sites import UTC_OFFSET_HOURS
 from gateway.sources import Batch
 
@@ -112,6 +114,7 @@ class SimulatorSource:
         self.anomaly_rate = float(anomaly_rate)
         self.batch_size = batch_size
         self.clock = clock
+        self.wall = wall
         if start_ms is None:
             # The end of the last whole interval: that reading is due now.
             start_ms = int(wall() * 1000) // self.interval_ms * self.interval_ms
@@ -230,10 +233,13 @@ class SimulatorSource:
                 delay = wall0 + (ts - ts0) / 1000.0 / self.speed - self.clock()
                 if delay > 0 and stop.wait(delay):
                     return
+            horizon = int(self.wall() * 1000) + MAX_FUTURE_MS  # never a reading the buffer must refuse
+            if ts > horizon and stop.wait((ts - horizon) / 1000):
+                return
             readings: list[Reading] = []
             labels: list[Label] = []
             for _ in range(ticks_per_batch):
-                if self.end_ms is not None and ts >= self.end_ms:
+                if (self.end_ms is not None and ts >= self.end_ms) or (readings and ts > horizon):
                     break
                 values, anomalous, factors = self.values_at(ts)
                 readings.extend(map(Reading, sites, buildings, types, [ts] * len(sites), values.tolist(), [name] * len(sites)))
