@@ -1,4 +1,5 @@
-"""End to end against a real mosquitto: kill -9 crashes, a broker outage, the bundled sample.
+"""End to end against a real mosquitto: kill -9 crashes, an uplink outage with publishes in
+flight, the bundled sample.
 
 These drive the real ``gateway run`` (a subprocess, for the crash test) or the real
 :class:`~gateway.runner.Gateway` with the real MQTT5 publisher, and count what arrived at the
@@ -22,6 +23,7 @@ import yaml
 
 from gateway.config import validate
 from gateway.messages import decode
+from gateway.publishers.mqtt import MqttPublisher
 from gateway.runner import Gateway
 from gateway.sources.replay import ReplaySource
 from gateway.sources.simulator import SimulatorSource
@@ -259,56 +261,81 @@ def test_kill_dash_nine_with_scoring_and_a_live_lane_sends_the_same_scores_every
     assert not changed_batches, f"{len(changed_batches)} message ids were sent with other bytes, e.g. {changed_batches[:3]}"
 
 
-class GatedPublisher:
-    """The real publisher, but `connected` stays False until the test opens the gate.
-
-    It keeps the forwarder from publishing after a broker restart before the test's
-    subscriber has subscribed again (the subscriber, not the gateway, would miss messages).
-    """
+class WatchedPublisher:
+    """The real publisher, counting the publishes still without an outcome, so the test can
+    wait (on a condition) until a window of them is in flight."""
 
     def __init__(self, inner):
         self.inner = inner
         self.local = inner.local
-        self.gate = threading.Event()
-        self.gate.set()
+        self._cond = threading.Condition()
+        self._pending: set = set()
 
     @property
     def connected(self) -> bool:
-        return self.gate.is_set() and self.inner.connected
+        return self.inner.connected
 
     def publish(self, topic, payload, qos=1):
-        return self.inner.publish(topic, payload, qos)
+        fut = self.inner.publish(topic, payload, qos)
+        with self._cond:
+            self._pending.add(fut)
+            self._cond.notify_all()
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, fut) -> None:
+        with self._cond:
+            self._pending.discard(fut)
+            self._cond.notify_all()
+
+    def wait_in_flight(self, n: int, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self._pending) >= n, timeout)
 
     def close(self):
         self.inner.close()
 
 
-def test_broker_outage_delivers_everything_live_first_then_backlog_in_order(tmp_path, broker, certs, subscriber):
-    meters, ticks = 50, 300  # 15,000 readings; 20 ticks a second of wall time
-    # Live means recent by the clock: the simulated fleet starts now.
-    start_ms = int(time.time() // 60 * 60_000)
+def test_uplink_outage_with_publishes_in_flight_delivers_everything_live_first_then_backlog_in_order(
+        tmp_path, broker, link, certs, subscriber):
+    """The gateway reaches mosquitto through a relay (conftest's Link) that the test cuts while a
+    full window of publishes waits for PUBACKs, and restores once a backlog has built; the
+    subscriber stays connected to mosquitto itself."""
+    meters, ticks = 50, 300  # 15,000 readings; 20 ticks (minutes of data) a second of wall time
+    # Live means recent by the wall clock: the fleet starts two hours ago and passes the live
+    # window's floor (10 minutes ago) during the outage, so a backlog below it waits at the end.
+    start_ms = int(time.time() // 60 * 60_000) - 120 * 60_000
     start = datetime.fromtimestamp(start_ms / 1000, timezone.utc).isoformat()
     config = validate(yaml.safe_load(write_config(
         tmp_path, broker, certs,
         [{"type": "simulator", "name": "sim", "meters": meters, "seed": 3, "start": start,
           "speed": 1200.0, "count": ticks}],
-        buffer={"live_window_s": 600},
+        buffer={"live_window_s": 600}, forwarder={"claim_size": 100},
     ).read_text()), base=tmp_path)
-    pub = GatedPublisher(publisher_for(broker, certs).start())
+    pub = WatchedPublisher(publisher_for(link, certs).start())
+    c = certs.client(THING)
+    marker = MqttPublisher("localhost", "outage-marker", c.cert, c.key, certs.ca, port=broker.port, local=True)
     gw = Gateway(config, publisher=pub).start()
     got = Received()
     try:
         assert subscriber.wait_for(got.at_least(2_000), timeout=30)
-        # Hold the forwarder and let the subscriber catch up with everything the broker has
-        # acknowledged: a stopping mosquitto (no persistence) discards what it acknowledged but
-        # had not yet passed on to the subscriber, which IoT Core never does.
-        pub.gate.clear()
-        assert gw.forwarder.wait_settled(timeout=30)
-        assert subscriber.wait_for(got.at_least(gw.buffer.stats["delivered"]), timeout=30)
-        broker.stop()
+        broker.pause()  # PUBACKs stop: the window fills with publishes in flight
+        try:
+            assert pub.wait_in_flight(16, timeout=30)
+            in_flight_at_cut = gw.forwarder.messages_in_flight
+            link.cut()
+        finally:
+            broker.resume()
+        assert pub.inner.wait_disconnected(30)
+        # Whatever mosquitto read before the cut reaches the subscriber ahead of a marker sent after it.
+        marker.start()
+        assert marker.wait_connected(30)
+        assert marker.publish("dt/marker", b'{"readings": []}').result(30) is None
+        assert subscriber.wait_for(lambda msgs: any(m.topic == "dt/marker" for m in msgs), timeout=30)
         before = len(subscriber.snapshot())
-        delivered_before = {k for k in keys_of(subscriber.snapshot())}
-        # The outage lasts until 40 ticks are waiting: a backlog four times the live window.
+        delivered_before = set(keys_of(subscriber.snapshot()))
+        # The outage lasts until 100 ticks are waiting: from about 80 minutes ago (where the cut
+        # came) to 20 minutes ahead, seven times the live window below its floor.
         stored = threading.Condition()
 
         def notify():
@@ -317,19 +344,21 @@ def test_broker_outage_delivers_everything_live_first_then_backlog_in_order(tmp_
 
         gw.buffer.add_listener(notify)
         with stored:
-            assert stored.wait_for(lambda: gw.buffer.pending() >= 40 * meters, timeout=60)
-        broker.start()
-        subscriber.wait_subscribed(30)
-        pub.inner.wait_connected(30)
+            assert stored.wait_for(lambda: gw.buffer.pending() >= 100 * meters, timeout=60)
+        assert not pub.connected and link.connections >= 1
         floors_before = len(gw.buffer.live_floors)
-        pub.gate.set()
+        link.restore()
         assert gw.wait(until_idle=True, timeout=120), gw.status()
+        assert gw.dead() == {}
     finally:
         gw.stop()
+        marker.close()
+    assert in_flight_at_cut >= 16
     expected = expected_simulator_keys(meters, ticks, start_ms)
     assert subscriber.wait_for(got.covers(expected), timeout=30)
     received = keys_of(subscriber.snapshot())
     assert set(received) == expected
+    assert len(received) - len(set(received)) <= in_flight_at_cut * 100  # duplicates: at most what was in flight
 
     # Order after the outage: the first messages are live readings (inside the live window,
     # above the floor the buffer chose), and the backlog below the floor arrives in time order.
