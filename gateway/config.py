@@ -271,7 +271,7 @@ def interval(v: float) -> str | None:
     """A simulator interval: MIN..MAX_INTERVAL_S, a whole number of ms (as SimulatorSource checks it)."""
     if not MIN_INTERVAL_S <= v <= MAX_INTERVAL_S:
         return f"is out of range {MIN_INTERVAL_S}..{MAX_INTERVAL_S}"
-    if v * 1000 != int(v * 1000):
+    if abs(v * 1000 - round(v * 1000)) > 1e-6:  # 1.001 s is 1000.9999999999999 ms in floating point
         return "must be a whole number of milliseconds"
     return None
 

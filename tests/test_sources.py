@@ -815,3 +815,7 @@ def test_weather_replay_feeds_the_table_as_time_advances():
     assert after[0] == expected["air_temperature"]
     full = w.table()
     assert len(full) == 926
+
+
+def test_an_interval_of_a_whole_number_of_ms_that_floats_cannot_spell_is_accepted():
+    assert SimulatorSource("sim", meters=1, interval_s=1.001).interval_ms == 1001

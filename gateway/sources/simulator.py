@@ -99,7 +99,7 @@ class SimulatorSource:
     ):
         if meters < 1:
             raise ConfigError("meters", f"{meters!r} must be >= 1")
-        if not interval_s > 0 or (interval_s * 1000) != int(interval_s * 1000):
+        if not interval_s > 0 or abs(interval_s * 1000 - round(interval_s * 1000)) > 1e-6:
             raise ConfigError("interval_s", f"{interval_s!r} must be > 0 and a whole number of ms")
         if speed is not None and not speed > 0:
             raise ConfigError("speed", f"{speed!r} must be > 0 (or null for as fast as possible)")
@@ -109,7 +109,7 @@ class SimulatorSource:
             raise ConfigError("count", "give end_ms or count, not both")
         self.name = name
         self.seed = int(seed)
-        self.interval_ms = int(interval_s * 1000)
+        self.interval_ms = round(interval_s * 1000)
         self.speed = speed
         self.anomaly_rate = float(anomaly_rate)
         self.batch_size = batch_size
