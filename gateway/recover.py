@@ -69,6 +69,8 @@ class TableResult:
         elif not self.known_pages:
             lost = f"at least {lost}"
         notes = [f"{n:,} {why}" for why, n in self.notes.items() if n]
+        if not self.known_pages:
+            notes.append("unreadable pages not counted: this SQLite has no dbstat")
         if self.bad_pages:
             notes.insert(0, f"{self.bad_pages:,} unreadable page{'s' if self.bad_pages != 1 else ''}")
         return f"{self.name}: {self.saved:,} saved, {lost} lost" + (f" ({'; '.join(notes)})" if notes else "")
@@ -339,7 +341,7 @@ def _copy_table(source: sqlite3.Connection, out: sqlite3.Connection, name: str,
 def _fixer(name: str, cols: list[str], result: TableResult) -> Callable[[tuple], tuple | None]:
     """What to do with a row that was read but cannot be used as it is."""
 
-    def json_at(i: int) -> bool:
+    def json_at(i: int) -> Callable[[tuple], bool]:
         def ok(row: tuple) -> bool:
             try:
                 json.loads(row[i])
