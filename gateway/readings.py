@@ -104,20 +104,3 @@ def check(reading: Reading, now_ms: int | None = None) -> str | None:
     if value < 0:
         return f"value: {value!r} is negative"
     return None
-
-
-def validate(readings: list[Reading], now_ms: int | None = None) -> tuple[list[Reading], list[Rejected]]:
-    """Split ``readings`` into the valid ones and :class:`Rejected` ones.
-
-    The common case (all valid) costs one pass of cheap checks per reading.
-    """
-    now = int(time.time() * 1000) if now_ms is None else now_ms
-    good: list[Reading] = []
-    bad: list[Rejected] = []
-    for r in readings:
-        reason = check(r, now)
-        if reason is None:
-            good.append(r)
-        else:
-            bad.append(Rejected(reason, repr(tuple(r)), str(r.source), f"{r.source}@{r.ts}"))
-    return good, bad
