@@ -221,12 +221,13 @@ class Stage:
 
 class Gateway:
     """The running gateway. ``publisher``, ``sources`` and ``scorer`` may be injected (tests);
-    ``dead_after_s`` and ``stage_backoff`` set the stages' retry policy (see the module doc)."""
+    ``dead_after_s`` and ``stage_backoff`` set the stages' retry policy (see the module doc);
+    ``auth_retry_s`` and ``basic_ingest_rule`` go to the :class:`~gateway.forwarder.Forwarder`."""
 
     def __init__(self, config: Config, *, publisher: Publisher | None = None,
                  sources: list[Source] | None = None, scorer: Any = None,
                  dead_after_s: float = 300.0, stage_backoff: Callable[[], Backoff] | None = None,
-                 auth_retry_s: float = 300.0):
+                 auth_retry_s: float = 300.0, basic_ingest_rule: str | None = None):
         self.config = config
         b = config.buffer
         self.buffer = Buffer(b["path"], budget_bytes=b["budget_bytes"], policy=b["policy"],
@@ -244,7 +245,7 @@ class Gateway:
         self.forwarder = Forwarder(
             self.buffer, self.publisher, config.thing, app=config.app, batch_size=f["batch_size"],
             claim_size=f["claim_size"], window=f["window"], ack_timeout_s=f["ack_timeout_s"],
-            auth_retry_s=auth_retry_s, backoff=Backoff(f["backoff_min_s"], f["backoff_max_s"]), scorer=scorer,
+            auth_retry_s=auth_retry_s, basic_ingest_rule=basic_ingest_rule, backoff=Backoff(f["backoff_min_s"], f["backoff_max_s"]), scorer=scorer,
         )
         self.stop_event = threading.Event()
         self.health = Health(self.buffer)

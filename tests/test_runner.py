@@ -7,6 +7,8 @@ import json
 import sqlite3
 import sys
 import threading
+import time
+from concurrent.futures import Future
 
 import yaml
 from click.testing import CliRunner
@@ -14,6 +16,7 @@ from click.testing import CliRunner
 from gateway import cli
 from gateway.buffer import Buffer
 from gateway.config import validate
+from gateway.errors import NotAuthorizedError
 from gateway.forwarder import Backoff
 from gateway.messages import decode
 from gateway.publishers import MemoryPublisher
@@ -159,6 +162,67 @@ def test_the_forwarder_retries_a_locked_buffer_and_dies_of_a_bug(tmp_path):
     assert gw.wait(timeout=30)
     gw.stop()
     assert gw.dead() == {"forwarder": "ValueError: Out of range float values are not JSON compliant: nan"}
+
+
+class Refusing(MemoryPublisher):
+    """Answers NOT_AUTHORIZED to every publish while ``refuse`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.refuse = True
+
+    def publish(self, topic, payload, qos=1):
+        if self.refuse:
+            f: Future = Future()
+            f.set_exception(NotAuthorizedError(f"PUBACK NOT_AUTHORIZED (135) for {topic!r}"))
+            return f
+        return super().publish(topic, payload, qos)
+
+
+def test_a_refused_topic_shows_as_blocked_until_the_policy_is_fixed(tmp_path):
+    pub = Refusing()
+    gw = fast(tmp_path, [ListSource("list", readings(30), size=10)], publisher=pub, auth_retry_s=0.05,
+              basic_ingest_rule="meters_ingest").start()
+    try:
+        reason = "PUBACK NOT_AUTHORIZED (135) for '$aws/rules/meters_ingest/dt/meters/3/gw-1/raw'"
+        assert _wait_for(gw, lambda: gw.health.snapshot()["forwarder"]["state"] == "blocked")
+        assert gw.health.snapshot()["forwarder"]["error"] == reason
+        assert gw.dead() == {} and gw.buffer.stats["delivered"] == 0
+        pub.refuse = False
+        assert gw.wait(until_idle=True, timeout=30)
+        forwarder = gw.health.snapshot()["forwarder"]
+        assert (forwarder["state"], forwarder["error"]) == ("running", None)
+    finally:
+        gw.stop()
+    assert gw.buffer.stats["delivered"] == 30 and gw.buffer.stats["undeliverable"] == 0
+    assert {m.topic for m in pub.messages} == {"$aws/rules/meters_ingest/dt/meters/3/gw-1/raw"}
+
+
+def _wait_for(gw, predicate, timeout=30.0) -> bool:
+    """Wait on the gateway's health changes until ``predicate()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        gw.health.changed.wait(left)
+        gw.health.changed.clear()
+    return True
+
+
+def test_the_clients_ack_timeout_comes_from_the_config_and_the_forwarders_is_longer(tmp_path, broker, certs):
+    c = certs.client(THING)
+    conf = validate({"thing": THING, "buffer": {"path": str(tmp_path / "buffer.db")},
+                     "sources": [{"type": "simulator", "name": "sim", "count": 1, "meters": 1}],
+                     "publisher": {"type": "mqtt", "endpoint": "localhost", "port": broker.port, "cert": str(c.cert),
+                                   "key": str(c.key), "ca": str(certs.ca), "local": True},
+                     "forwarder": {"ack_timeout_s": 12, "window": 16}}, base=tmp_path)
+    gw = Gateway(conf)
+    try:
+        assert gw.publisher.client_options.ack_timeout_sec == 12
+        assert gw.forwarder.claim_timeout_s == 12 + 16 * 0.25
+    finally:
+        gw.stop()
 
 
 # -- the command line ---------------------------------------------------------------------------
