@@ -112,6 +112,7 @@ class Health:
         self.buffer = buffer
         self.clock = clock
         self._lock = threading.Lock()
+        self._saving = threading.Lock()  # one save at a time, so an older record never lands last
         self._stages: dict[str, dict] = {}
         self._dirty = False
         self.changed = threading.Event()  # set whenever a stage changes state
@@ -132,17 +133,18 @@ class Health:
 
     def save(self) -> None:
         """Write the stages to the buffer if they changed; a failure waits for the next try."""
-        with self._lock:
-            if not self._dirty:
-                return
-            record = {"updated": int(self.clock() * 1000), "stages": {k: dict(v) for k, v in self._stages.items()}}
-            self._dirty = False
-        try:
-            self.buffer.save_health(record)
-        except Exception as exc:  # the buffer may be the very thing failing; the state is kept
+        with self._saving:
             with self._lock:
-                self._dirty = True
-            log.debug("could not save stage health: %s", _describe(exc))
+                if not self._dirty:
+                    return
+                record = {"updated": int(self.clock() * 1000), "stages": {k: dict(v) for k, v in self._stages.items()}}
+                self._dirty = False
+            try:
+                self.buffer.save_health(record)
+            except Exception as exc:  # the buffer may be the very thing failing; the state is kept
+                with self._lock:
+                    self._dirty = True
+                log.debug("could not save stage health: %s", _describe(exc))
 
     def snapshot(self) -> dict[str, dict]:
         with self._lock:

@@ -8,7 +8,9 @@ One method, as small as httpx's transport::
         def close(self) -> None: ...
 
 The future resolves when the message is acknowledged (PUBACK for QoS 1) and fails with
-:class:`~gateway.errors.RetryableError` or :class:`~gateway.errors.UndeliverableError`.
+:class:`~gateway.errors.RetryableError` (try again), :class:`~gateway.errors.NotAuthorizedError`
+(the broker refuses the topic: a policy to fix, the message is fine) or
+:class:`~gateway.errors.UndeliverableError` (this message can never go).
 ``connected`` tells the forwarder whether claiming more work makes sense.
 """
 
