@@ -2,28 +2,31 @@
 
 - **ingest**: :meth:`Buffer.put` (validation, the time-first key, duplicate detection, the
   source position in the same transaction) against a bare ``executemany`` of the same tuples
-  into a minimal table, with the same journal mode, synchronous setting and batch size; and
-  again with a forwarder claiming and acknowledging beside the puts, as in production (its
-  claims move the frontier the late-reading check compares against).
+  into a minimal table, with the same journal mode, synchronous setting and batch size; again
+  with a forwarder claiming and acknowledging beside the puts (``ingest_claimed``: its claims
+  move the frontier the late-reading check compares against); and with the buffer scoring
+  what it stores as well (``ingest_scored``): what ``gateway run`` does.
 - **drain**: the forwarder (claim, encode JSON, publish QoS 1, wait for PUBACKs, ack in the
   buffer) to a local mosquitto over mutual TLS, flow control off, against a bare awscrt MQTT5
-  client publishing the same payloads with the same window.
+  client publishing the same payloads with the same window. A stall or a retried publish
+  fails the stage.
 - **wire bytes per reading**: MQTT PUBLISH packets (fixed header, topic, packet id, properties
   length, payload) divided by readings, raw and scored; TLS record overhead is not counted.
   Readings per message as the forwarder makes them, on the simulated reference fleet and on
   a replay of the bundled sample through a real :class:`~gateway.runner.Gateway` (the demo).
-- **drain with IoT Core's flow control**: the forwarder with scoring, as a device runs it,
-  through awscrt's AWS_IOT_CORE_DEFAULTS flow control (100 publishes/s, 512 KB/s).
+- **drain with IoT Core's flow control**: a backlog scored as it was stored, drained as a
+  device does, through awscrt's AWS_IOT_CORE_DEFAULTS flow control (100 publishes/s, 512 KB/s).
 - **capacity against IoT Core**: the readings/s one connection carries, raw and raw+scored,
   which limit binds, and how long a three-day outage of the reference fleet takes to drain;
   computed from the measured message sizes, and from the measured flow-controlled drain.
-- **score** (when a model is present): featurization + onnxruntime + online per-meter update
-  against raw onnxruntime on a prebuilt feature matrix; the bytes one save of the per-meter
-  statistics writes.
+- **score** (when a model is present): the scoring ``Buffer.put`` runs (featurization,
+  onnxruntime, online per-meter update) against raw onnxruntime on a prebuilt feature matrix;
+  the bytes one save of the per-meter statistics writes.
 - **keys**: bytes written per reading (``/proc/self/io``) into a time-first and a meter-first
   key, same pragmas, one tick per transaction, on a table already holding hours of readings.
 - **start-up**, and a real ``gateway run`` process: its peak RSS and the bytes it wrote to
-  disk per reading stored (``/proc/<pid>/io``: WAL, checkpoints, statistics, everything).
+  disk per reading stored (``/proc/<pid>/io``: WAL, checkpoints, statistics, everything),
+  and from those and the statistics' save an estimate of the same at the fleet's real rate.
 - **model**: the shipped model's evaluation, read from its manifest.
 
 Ratios, not seconds, are the result: the raw limit is measured on the same machine, in the
