@@ -349,12 +349,12 @@ def buffer_recover(src: str, dst: str) -> None:
     from gateway.recover import recover
 
     try:
-        results = recover(src, dst)
+        result = recover(src, dst)
     except GatewayError as exc:
         _fail(exc)
     click.echo(f"recovered {src} into {dst}:")
-    for table in results:
-        click.echo(f"  {table}")
+    for line in result.lines():
+        click.echo(f"  {line}")
     click.echo(f"point buffer.path at {dst} to use it (moving it over {src} would meet {src}'s old WAL)")
 
 

@@ -56,6 +56,7 @@ class TableResult:
     bad_pages: int = 0            # unreadable pages of the table's B-tree
     estimated: int = 0            # rows thought to be on those pages (average per page)
     known_pages: bool = True      # False when this SQLite has no dbstat: bad pages unknown
+    beyond: bool = False          # rows under a bad interior page may be lost too: a lower bound
     notes: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -64,10 +65,10 @@ class TableResult:
 
     def __str__(self) -> str:
         lost = f"{self.total_lost:,}"
-        if self.estimated:
-            lost = f"about {lost}"
-        elif not self.known_pages:
+        if self.beyond or not self.known_pages:
             lost = f"at least {lost}"
+        elif self.estimated:
+            lost = f"about {lost}"
         notes = [f"{n:,} {why}" for why, n in self.notes.items() if n]
         if not self.known_pages:
             notes.append("unreadable pages not counted: this SQLite has no dbstat")
@@ -76,11 +77,26 @@ class TableResult:
         return f"{self.name}: {self.saved:,} saved, {lost} lost" + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def recover(src: str | Path, dst: str | Path) -> list[TableResult]:
-    """Copy every readable row of the buffer ``src`` into a new buffer file ``dst``.
+@dataclass
+class Recovery:
+    """What :func:`recover` did: one :class:`TableResult` per table of SRC (its ``migrations``
+    are DST's own), and how many pages of SRC no table reaches any more (under a damaged
+    interior page; None when that cannot be told)."""
 
-    Returns one :class:`TableResult` per table of ``src`` (its ``migrations`` are DST's own).
-    """
+    tables: list[TableResult]
+    out_of_reach: int | None
+
+    def lines(self) -> list[str]:
+        out = [str(t) for t in self.tables]
+        if self.out_of_reach:
+            s = "s" if self.out_of_reach != 1 else ""
+            out.append(f"{self.out_of_reach:,} more page{s} lay under a damaged page, out of every table's "
+                       "reach: their rows are lost too")
+        return out
+
+
+def recover(src: str | Path, dst: str | Path) -> Recovery:
+    """Copy every readable row of the buffer ``src`` into a new buffer file ``dst``."""
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise BufferError(f"{src}: no buffer here")
@@ -109,7 +125,7 @@ def _open_source(src: Path) -> sqlite3.Connection:
     return db
 
 
-def _recover(source: sqlite3.Connection, src: Path, dst: Path) -> list[TableResult]:
+def _recover(source: sqlite3.Connection, src: Path, dst: Path) -> Recovery:
     known = max(v for v, _, _ in MIGRATIONS)
     try:
         newest = source.execute("SELECT max(version) FROM migrations").fetchone()[0]
@@ -142,12 +158,13 @@ def _recover(source: sqlite3.Connection, src: Path, dst: Path) -> list[TableResu
         for name, sql in order:
             results[name] = _copy_table(source, out, name, reader, pages.get(name, []) if pages else [])
         _drop_orphans(out, results)
+        out_of_reach = _out_of_reach(source, pages)
         for name, sql in tables:
-            _account(results[name], pages, _without_rowid(sql))
+            _account(results[name], pages, _without_rowid(sql), bool(out_of_reach))
         out.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         out.close()
-    return [results[name] for name, _ in tables]
+    return Recovery([results[name] for name, _ in tables], out_of_reach)
 
 
 def _without_rowid(sql: str) -> bool:
@@ -406,8 +423,9 @@ def _pages(source: sqlite3.Connection) -> dict[str, list[tuple[str, int, int]]] 
     return pages
 
 
-def _account(result: TableResult, pages: dict | None, without_rowid: bool) -> None:
-    """Add to ``result`` the rows out of reach and those of the unreadable pages."""
+def _account(result: TableResult, pages: dict | None, without_rowid: bool, orphans: bool) -> None:
+    """Add to ``result`` the rows out of reach and those of the unreadable pages (``orphans``:
+    some pages lie under a damaged one, so a table with bad pages may have lost more)."""
     if pages is None:
         result.known_pages = False
         return
@@ -421,6 +439,21 @@ def _account(result: TableResult, pages: dict | None, without_rowid: bool) -> No
     leaves = [n for kind, n, _ in mine if kind == "leaf"]
     if result.bad_pages and leaves:
         result.estimated = round(result.bad_pages * sum(leaves) / len(leaves))
+    result.beyond = bool(result.bad_pages) and (orphans or not leaves)
+
+
+def _out_of_reach(source: sqlite3.Connection, pages: dict | None) -> int | None:
+    """Pages that are in no table's B-tree and not free: the subtrees of damaged interior pages."""
+    if pages is None:
+        return None
+    count, free, size, vacuum = source.execute(
+        "SELECT * FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size(), pragma_auto_vacuum()"
+    ).fetchone()
+    if vacuum:
+        return None  # pointer-map pages belong to no tree either
+    listed = {pgno for tree in pages.values() for _, _, pgno in tree}
+    lock_byte = 1 if count * size > 1 << 30 else 0  # the page holding the lock bytes is never used
+    return max(count - free - lock_byte - len(listed), 0)
 
 
 # ---------------------------------------------------------------- raw pages

@@ -306,6 +306,37 @@ def test_without_dbstat_recover_bisects_past_a_bad_page(made, monkeypatch):
 
     write_garbage_over_leaves(made, 40)
     monkeypatch.setattr(gateway.recover, "_pages", lambda source: None)
-    results = {r.name: r for r in gateway.recover.recover(made.path, made.path.parent / "recovered.db")}
+    results = {r.name: r for r in gateway.recover.recover(made.path, made.path.parent / "recovered.db").tables}
     assert str(results["readings"]) == (f"readings: {N - made.lost:,} saved, at least 0 lost "
                                         "(unreadable pages not counted: this SQLite has no dbstat)")
+
+
+def test_a_bad_interior_page_loses_its_subtree_and_says_so(tmp_path):
+    """100,000 readings make a three-level tree; garbage over a middle-level page cuts its
+    leaves off: recover saves the rest and says how many pages were out of reach."""
+    path, n = tmp_path / "buffer.db", 100_000
+    buf = Buffer(path, live_window_ms=10**12, synchronous="normal")
+    buf.put([Reading("1", str(m), "electricity", T0 + t * 60_000, 1.0, "sim") for t in range(1_000) for m in range(100)])
+    buf.close()
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    tree = db.execute("SELECT pageno, ncell, pagetype, path FROM dbstat WHERE name = 'readings' ORDER BY path").fetchall()
+    db.close()
+    pageno, _, _, prefix = [p for p in tree if p[2] == "internal" and p[3] != "/"][1]
+    under = [p for p in tree if p[3].startswith(prefix)]  # the page and everything below it
+    with open(path, "r+b") as f:
+        f.seek((pageno - 1) * page_size)
+        f.write(random.Random(2).randbytes(page_size))
+    dst = tmp_path / "recovered.db"
+    rec = gateway("buffer", "recover", path, dst)
+    saved = n - sum(p[1] for p in under)
+    leaves = [p[1] for p in tree if p[2] == "leaf" and p not in under]
+    assert (rec.returncode, rec.stderr) == (0, "")
+    assert f"  readings: {saved:,} saved, at least {round(sum(leaves) / len(leaves)):,} lost (1 unreadable page)\n" \
+        in rec.stdout
+    assert rec.stdout.endswith(f"  {len(under) - 1:,} more pages lay under a damaged page, out of every table's reach: "
+                               f"their rows are lost too\npoint buffer.path at {dst} to use it "
+                               f"(moving it over {path} would meet {path}'s old WAL)\n")
+    buf = Buffer(dst, live_window_ms=10**12)
+    assert buf.pending() == saved
+    buf.close()
