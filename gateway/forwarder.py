@@ -20,8 +20,10 @@ buffer only when every one of its messages has its PUBACK.
 - **NOT_AUTHORIZED is a configuration fault, not a message fault.** The thing's policy refuses
   the topic, and will refuse every message to it until a person fixes it. The forwarder keeps
   the readings (the claims go back to the buffer, nothing is acknowledged or quarantined),
-  logs one ERROR, reports ``blocked`` in the stage health (``gateway status``), and tries one
-  claim every ``auth_retry_s`` (300 s) until a claim is accepted; then it logs that it cleared.
+  logs one ERROR, reports ``blocked`` in the stage health (``gateway status``), and sends one
+  claim at a time, waiting ``auth_retry_s`` (300 s) after each refusal, until every refused
+  topic has been accepted again; then it logs that it cleared. (A refused claim's messages to
+  allowed topics arrive again on each try: duplicates, which QoS 1 allows.)
 - A message that can never be delivered (oversize, a topic IoT Core refuses, PUBACK
   TOPIC_NAME_INVALID) is quarantined with its reason and counted as settled.
 - IoT Core's per-connection limits (100 publishes/s, 512 KB/s) are enforced by the MQTT5
@@ -151,6 +153,7 @@ class Forwarder:
         self._inflight: dict[int, _InFlight] = {}
         self._failed: BaseException | None = None
         self.blocked: str | None = None  # why the policy refuses delivery, while it does
+        self._refused: set[str] = set()  # the topics refused since, and not accepted again
         self.published = 0
         self.failures = 0
         self.unscored = 0
@@ -174,7 +177,10 @@ class Forwarder:
             except Exception as exc:
                 if stage is None:
                     raise
-                self.reset()
+                try:
+                    self.reset()
+                except Exception as again:  # the buffer cannot even take the claims back
+                    exc = again
                 delay = stage.failed(exc)
                 if delay is None:
                     return
@@ -186,12 +192,17 @@ class Forwarder:
                 self.wake.wait(0.2)
                 self.wake.clear()
         deadline = self.clock() + drain_timeout_s
-        while self._inflight and self.clock() < deadline:
+        try:
+            while self._inflight and self.clock() < deadline:
+                self._settle()
+                if self._inflight:
+                    self.wake.wait(0.05)
+                    self.wake.clear()
             self._settle()
-            if self._inflight:
-                self.wake.wait(0.05)
-                self.wake.clear()
-        self._settle()
+        except Exception as exc:  # stopping: what is not acknowledged is sent again on the next start
+            if stage is None:
+                raise
+            log.error("forwarder: could not collect the last PUBACKs: %s: %s", type(exc).__name__, exc)
 
     def step(self) -> bool:
         """Do one unit of work; False when there was nothing to do (the caller may wait)."""
@@ -332,15 +343,17 @@ class Forwarder:
                 continue  # handed back already (a failure, a timeout): its late completion changes nothing
             if isinstance(exc, UndeliverableError):
                 self._dead_letter(exc, payload, name, n)
-                exc = None
-            if exc is not None:
+            elif exc is not None:
                 self.failures += 1
                 if isinstance(exc, NotAuthorizedError):
+                    self._refused.add(name)
                     self._block(str(exc))
                 if self._failed is None or isinstance(exc, NotAuthorizedError):
                     self._failed = exc
                 del self._inflight[entry.claim.id]
                 continue
+            elif self._refused:
+                self._refused.discard(name)  # accepted now
             entry.remaining -= 1
             if entry.remaining == 0:
                 del self._inflight[entry.claim.id]
@@ -348,8 +361,8 @@ class Forwarder:
         if done:
             self.buffer.ack(*done)
             self.backoff.reset()
-            if self.blocked is not None:
-                self._block(None)
+        if self.blocked is not None and not self._refused:
+            self._block(None)
         if any_done:
             with self.settled:
                 self.settled.notify_all()

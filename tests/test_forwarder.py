@@ -291,6 +291,28 @@ def test_not_authorized_keeps_the_readings_and_retries_slowly(buf, caplog):
         f"delivery authorized again: forwarding resumes (was: {reason})"]
 
 
+def test_an_allowed_claim_does_not_clear_a_refusal_it_did_not_retry(buf, caplog):
+    """Blocked means "these topics are refused": only their acceptance clears it."""
+    buf.put([Reading("0", f"0{b}", "steam", T0, 1.0, "test") for b in range(5)]
+            + [Reading("1", f"1{b}", "steam", T0 + MIN, 1.0, "test") for b in range(5)])
+    pub = RefusingPublisher()
+    pub.hold = True  # site 0's claim waits for its PUBACK; site 1's is refused at once
+    fwd = Forwarder(buf, pub, THING, claim_size=5, auth_retry_s=300, backoff=Backoff(0.001, 0.001))
+    fwd.stop_event = RecordingStop()
+    caplog.set_level(logging.INFO, logger="gateway.forwarder")
+    fwd.step()
+    fwd.step()
+    assert fwd.status()["in_flight_claims"] == 2
+    pub.release()  # site 0 accepted after site 1 was refused
+    for _ in range(5):
+        fwd.step()
+    assert fwd.blocked == "PUBACK NOT_AUTHORIZED (135) for 'dt/meters/1/meter-gw-1/raw'"
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
+    pub.hold, pub.refuse = False, False
+    fwd.drain()
+    assert fwd.blocked is None and buf.pending() == 0
+
+
 def test_basic_ingest_rule_prefixes_every_topic(buf):
     buf.put(fleet(2))
     pub = MemoryPublisher()
