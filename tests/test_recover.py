@@ -161,6 +161,17 @@ def test_run_on_a_buffer_with_bad_state_refuses_to_start(made):
     assert (run.returncode, run.stdout, run.stderr) == (2, "", f"error: {message}\n")
 
 
+def test_run_on_a_buffer_with_a_bad_page_stops_naming_the_file_and_recover(made):
+    write_garbage_over_leaves(made, 40)
+    config = made.path.parent / "gateway.yaml"
+    config.write_text(f"thing: gw-test-01\nbuffer: {{path: {made.path}}}\n"
+                      "sources:\n  - {type: simulator, name: live, meters: 2, count: 5, speed: null}\n"
+                      "publisher: {type: memory}\n")
+    run = gateway("run", "--config", config, "--exit-when-idle")
+    assert run.returncode == 1
+    assert run.stderr.splitlines()[-1] == f"error: forwarder is dead: BufferCorrupt: {damaged_message(made.path)}"
+
+
 # ---------------------------------------------------------------- gateway buffer recover
 
 
