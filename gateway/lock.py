@@ -34,14 +34,6 @@ def lock_path(buffer_path: str | Path) -> Path:
     return Path(f"{buffer_path}.lock")
 
 
-def holder_pid(buffer_path: str | Path) -> int | None:
-    """The pid written in the buffer's lock file, or None (no file, or no pid in it)."""
-    try:
-        return _parse_pid(lock_path(buffer_path).read_bytes())
-    except OSError:
-        return None
-
-
 def _parse_pid(data: bytes) -> int | None:
     text = data.decode("ascii", "replace").strip()
     return int(text) if text.isdigit() else None
