@@ -24,7 +24,9 @@ into a new buffer file, so that one bad page loses only its own rows:
 The rows of an unreadable page cannot be counted from the page itself. SQLite's ``dbstat``
 table lists each B-tree's pages with their cell counts and marks the unreadable ones, so the
 loss is the readable rows the walk could not reach (exact) plus, for each unreadable page, the
-table's average rows per page (an estimate, and said so).
+table's average rows per page (an estimate, and said so). A damaged interior page also cuts
+off the pages below it: they are in no table's list and not free, so they are counted apart,
+and the loss of a table with bad pages is then a lower bound ("at least").
 """
 
 from __future__ import annotations
