@@ -288,7 +288,7 @@ def test_random_operations_at_the_budget_with_failed_puts_lose_nothing_uncounted
         f"seed {seed} ({policy}, budget {budget}): stored {len(stored)} != delivered {len(delivered)} + evicted "
         f"{evicted}: " + (f"{gap} readings neither delivered nor counted evicted" if gap > 0 else
                           f"{-gap} readings both delivered and counted evicted (acknowledged, then evicted: "
-                          f"a claim acknowledged out of order and handed back by release_all)"))
+                          f"a claim acknowledged out of order, handed back by release_all or a restart, then evicted)"))
     if policy == "reject_newest":
         assert evicted == 0 and len(stored) == len(delivered)
     b.close()
