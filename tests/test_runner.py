@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from gateway import cli
 from gateway.buffer import Buffer
 from gateway.config import validate
-from gateway.errors import NotAuthorizedError
+from gateway.errors import BufferFull, NotAuthorizedError
 from gateway.forwarder import Backoff
 from gateway.messages import decode
 from gateway.publishers import MemoryPublisher
@@ -134,6 +134,28 @@ def test_transient_errors_that_last_are_dead_after_dead_after_s(tmp_path):
     gw.stop()
     assert gw.dead() == {"source unplugged": "OSError: serial port vanished"}
     assert stages["source unplugged"]["retries"] >= 3
+
+
+def test_a_full_buffer_makes_a_source_wait_never_die(tmp_path):
+    source = ListSource("list", readings(40), size=10)
+    gw = fast(tmp_path, [source], dead_after_s=0)  # any other error would be dead at its second try
+    real_put = gw.buffer.put
+    full = [5]
+
+    def put(*args, **kwargs):
+        if full[0]:
+            full[0] -= 1
+            raise BufferFull("the byte budget is used and the policy is reject_newest")
+        return real_put(*args, **kwargs)
+
+    gw.buffer.put = put
+    gw.start()
+    assert gw.wait(until_idle=True, timeout=30)
+    stages = gw.health.snapshot()
+    gw.stop()
+    assert gw.dead() == {}
+    assert stages["source list"]["state"] == "finished" and stages["source list"]["retries"] == 5
+    assert gw.buffer.stats["stored"] == 40
 
 
 def test_the_forwarder_retries_a_locked_buffer_and_dies_of_a_bug(tmp_path):
