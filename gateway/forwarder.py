@@ -58,15 +58,6 @@ from gateway.topics import MAX_BYTES_PER_S, MAX_PAYLOAD_BYTES, basic_ingest, che
 log = logging.getLogger(__name__)
 
 
-class Scorer(Protocol):
-    """What the forwarder needs of a scorer: scored rows for a claim's rows."""
-
-    def score_rows(self, rows: list[tuple[int, int, float]], meters: dict) -> tuple[str, list[list | None]]:
-        """The version of the model used, and ``[meter key, ts, value, expected, score, flag]``
-        per row, or None for a row that cannot be scored (it is forwarded raw only)."""
-        ...
-
-
 class Backoff:
     """Exponential backoff with full jitter: a delay drawn from [0, min(cap, base · 2^n)]."""
 
@@ -126,7 +117,6 @@ class Forwarder:
         auth_retry_s: float = 300.0,
         basic_ingest_rule: str | None = None,
         backoff: Backoff | None = None,
-        scorer: Scorer | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.buffer = buffer
@@ -143,7 +133,6 @@ class Forwarder:
         self.auth_retry_s = auth_retry_s
         self.basic_ingest_rule = basic_ingest_rule
         self.backoff = backoff or Backoff()
-        self.scorer = scorer
         self.clock = clock
         self.stage: StageHook | None = None
         self.wake = threading.Event()  # set by new readings and completed publishes
@@ -156,8 +145,6 @@ class Forwarder:
         self._refused: set[str] = set()  # the topics refused since, and not accepted again
         self.published = 0
         self.failures = 0
-        self.unscored = 0
-        self.scoring_error: str | None = None
         buffer.add_listener(self.wake.set)
 
     # ------------------------------------------------------------------ the loop
@@ -256,31 +243,19 @@ class Forwarder:
     # ------------------------------------------------------------------ sending
 
     def _messages(self, claim: Claim) -> list[tuple[str, bytes, int]]:
-        """(topic, payload, readings) for every message of a claim."""
-        meters = self.buffer.meters
+        """(topic, payload, readings) for every message of a claim: per site, the raw readings,
+        and the scored ones (scored at ingest, stored beside each reading) per model version."""
+        meters, models = self.buffer.meters, self.buffer.models
         by_site: dict[str, list] = {}
-        for ts, mid, value in claim.rows:
+        scored: dict[tuple[str, int], list] = {}
+        for ts, mid, value, expected, score, flag, model in claim.rows:
             m = meters[mid]
             by_site.setdefault(m.site, []).append([m.key, ts, value])
+            if expected is not None:
+                scored.setdefault((m.site, model), []).append([m.key, ts, value, expected, score, flag])
         out = self._site_messages("raw", by_site)
-        if self.scorer is not None:
-            try:
-                version, scored = self.scorer.score_rows(claim.rows, meters)
-            except Exception as exc:  # scoring never stops delivery: the raw readings still go
-                self.unscored += len(claim.rows)
-                reason = f"{type(exc).__name__}: {exc}"
-                if reason != self.scoring_error:
-                    log.error("scoring failed, forwarding raw only: %s", reason)
-                self.scoring_error = reason
-                return out
-            self.scoring_error = None
-            by_site = {}
-            for (ts, mid, value), srow in zip(claim.rows, scored):
-                if srow is None:
-                    self.unscored += 1
-                    continue
-                by_site.setdefault(meters[mid].site, []).append(srow)
-            out += self._site_messages("scored", by_site, model=version)
+        for (site, model), rows in scored.items():
+            out += self._site_messages("scored", {site: rows}, model=models[model])
         return out
 
     def _site_messages(self, kind: str, by_site: dict[str, list], model: str | None = None) -> list:
@@ -416,7 +391,7 @@ class Forwarder:
             "published": self.published,
             "failures": self.failures,
             "blocked": self.blocked,
-            "unscored": self.unscored,
-            "scoring_error": self.scoring_error,
+            "unscored": self.buffer.stats.get("unscored", 0),
+            "scoring_error": self.buffer.scoring_error,
             "connected": self.publisher.connected,
         }

@@ -75,7 +75,7 @@ def build_publisher(config: Config) -> Publisher:
 
 
 def build_scorer(config: Config, db_path: Any) -> Any:
-    """The forwarder's scorer from ``model:`` and ``weather:``, or None when scoring is off.
+    """The buffer's ingest scorer from ``model:`` and ``weather:``, or None when scoring is off.
 
     A model that fails its checks raises ModelError: the gateway does not start with it."""
     m = config.model
@@ -242,12 +242,13 @@ class Gateway:
                 self.buffer.close()
                 raise
         self.scorer = scorer
+        self.buffer.scorer = scorer  # readings are scored as they are stored
         self.publisher = publisher if publisher is not None else build_publisher(config)
         f = config.forwarder
         self.forwarder = Forwarder(
             self.buffer, self.publisher, config.thing, app=config.app, batch_size=f["batch_size"],
             claim_size=f["claim_size"], window=f["window"], ack_timeout_s=f["ack_timeout_s"],
-            auth_retry_s=auth_retry_s, basic_ingest_rule=basic_ingest_rule, backoff=Backoff(f["backoff_min_s"], f["backoff_max_s"]), scorer=scorer,
+            auth_retry_s=auth_retry_s, basic_ingest_rule=basic_ingest_rule, backoff=Backoff(f["backoff_min_s"], f["backoff_max_s"]),
         )
         self.stop_event = threading.Event()
         self.health = Health(self.buffer)
