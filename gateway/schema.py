@@ -18,15 +18,22 @@ def _columns(db: sqlite3.Connection, table: str) -> set[str]:
     return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
 
 
-def _scores_beside_readings(db: sqlite3.Connection) -> None:
-    # Files of version 2 may hold meter_stats, made by the scorer before it was a migration,
-    # with or without its zeros column.
+def ensure_meter_stats(db: sqlite3.Connection) -> None:
+    """``meter_stats``, the scorer's per-meter statistics (:mod:`gateway.model.online`), with every
+    column: a file of version 2 may hold one made before it was a migration, without ``zeros``
+    or ``format``."""
     db.execute(
         "CREATE TABLE IF NOT EXISTS meter_stats(meter_key TEXT PRIMARY KEY, n_seen INTEGER NOT NULL,"
-        " window INTEGER NOT NULL, residuals BLOB NOT NULL, errors BLOB NOT NULL, zeros BLOB)"
+        " window INTEGER NOT NULL, residuals BLOB NOT NULL, errors BLOB NOT NULL, zeros BLOB, format INTEGER)"
     )
-    if "zeros" not in _columns(db, "meter_stats"):
-        db.execute("ALTER TABLE meter_stats ADD COLUMN zeros BLOB")
+    have = _columns(db, "meter_stats")
+    for name, kind in (("zeros", "BLOB"), ("format", "INTEGER")):
+        if name not in have:
+            db.execute(f"ALTER TABLE meter_stats ADD COLUMN {name} {kind}")
+
+
+def _scores_beside_readings(db: sqlite3.Connection) -> None:
+    ensure_meter_stats(db)
     db.execute("CREATE TABLE IF NOT EXISTS models(id INTEGER PRIMARY KEY, version TEXT NOT NULL UNIQUE)")
     have = _columns(db, "readings")
     for name, kind in (("expected", "REAL"), ("score", "REAL"), ("flag", "INTEGER"), ("model", "INTEGER")):

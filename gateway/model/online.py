@@ -32,6 +32,7 @@ import sqlite3
 import numpy as np
 
 from gateway.errors import ModelError
+from gateway.schema import ensure_meter_stats
 
 #: (term, weight) of the offset blend; fitted by least squares on held-out buildings, then rounded.
 OFFSET_WEIGHTS: tuple[tuple[str, float], ...] = (
@@ -42,18 +43,14 @@ OFFSET_WEIGHTS: tuple[tuple[str, float], ...] = (
     ("med24", 0.15),
 )
 _MAD_TO_SIGMA = 1.4826
-_CREATE = (
-    "CREATE TABLE IF NOT EXISTS meter_stats (meter_key TEXT PRIMARY KEY, n_seen INTEGER NOT NULL, "
-    "window INTEGER NOT NULL, residuals BLOB NOT NULL, errors BLOB NOT NULL, zeros BLOB)"
-)
+#: How ``meter_stats`` rows are written: residuals and errors as little-endian float32, zero flags
+#: as bytes (0, 1, 255 = unknown). Rows without a format hold float64 throughout.
+FORMAT = 2
 
 
 def _ensure_table(conn: sqlite3.Connection) -> None:
-    """Create ``meter_stats``, or add the ``zeros`` column to a table written by an older gateway."""
-    conn.execute(_CREATE)
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(meter_stats)")}
-    if "zeros" not in columns:
-        conn.execute("ALTER TABLE meter_stats ADD COLUMN zeros BLOB")
+    """Create ``meter_stats``, or add the columns a table written by an older gateway lacks."""
+    ensure_meter_stats(conn)
 
 
 class MeterStats:
@@ -251,8 +248,9 @@ class MeterStats:
             if learn is not None:
                 keep = learn[sel]
                 m, sel, err, residual, is_zero = m[keep], sel[keep], err[keep], residual[keep], is_zero[keep]
-            self._buf[m, self._pos[m]] = residual
-            self._err[m, self._pos[m]] = err
+            # Kept at float32 precision, as they are saved: a restart resumes exactly where it was.
+            self._buf[m, self._pos[m]] = residual.astype(np.float32)
+            self._err[m, self._pos[m]] = err.astype(np.float32)
             self._zero[m, self._pos[m]] = is_zero
             self._pos[m] = (self._pos[m] + 1) % w
             self._count[m] += 1
@@ -279,8 +277,10 @@ class MeterStats:
         rows = []
         for j, i in enumerate(sel.tolist()):
             k = int(min(self._count[i], w))
-            rows.append((self._keys[i], int(self._count[i]), w, chrono[j, w - k :].astype("<f8").tobytes(),
-                         errors[j, w - k :].astype("<f8").tobytes(), zeros[j, w - k :].astype("<f8").tobytes()))  # fmt: skip
+            z = zeros[j, w - k :]
+            rows.append((self._keys[i], int(self._count[i]), w, chrono[j, w - k :].astype("<f4").tobytes(),
+                         errors[j, w - k :].astype("<f4").tobytes(),
+                         np.where(np.isnan(z), 255, z).astype(np.uint8).tobytes(), FORMAT))
         own = not conn.in_transaction  # one transaction, also on an autocommit connection
         try:
             if own:
@@ -288,10 +288,11 @@ class MeterStats:
             try:
                 _ensure_table(conn)
                 conn.executemany(
-                    "INSERT INTO meter_stats (meter_key, n_seen, window, residuals, errors, zeros) "
-                    "VALUES (?, ?, ?, ?, ?, ?) "
+                    "INSERT INTO meter_stats (meter_key, n_seen, window, residuals, errors, zeros, format) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT(meter_key) DO UPDATE SET n_seen=excluded.n_seen, window=excluded.window, "
-                    "residuals=excluded.residuals, errors=excluded.errors, zeros=excluded.zeros",
+                    "residuals=excluded.residuals, errors=excluded.errors, zeros=excluded.zeros, "
+                    "format=excluded.format",
                     rows,
                 )
             except BaseException:
@@ -309,7 +310,7 @@ class MeterStats:
             with conn:
                 _ensure_table(conn)
             rows = conn.execute(
-                "SELECT meter_key, n_seen, residuals, errors, zeros FROM meter_stats ORDER BY rowid"
+                "SELECT meter_key, n_seen, residuals, errors, zeros, format FROM meter_stats ORDER BY rowid"
             ).fetchall()
         except sqlite3.Error as exc:
             raise ModelError(f"meter_stats: cannot load: {exc}") from exc
@@ -322,13 +323,19 @@ class MeterStats:
         self._count = np.zeros(0, dtype=np.int64)
         self._dirty = np.zeros(0, dtype=bool)
         self._grow(len(rows))
-        for i, (key, n_seen, blob, err_blob, zero_blob) in enumerate(rows):
-            res = np.frombuffer(blob, dtype="<f8")[-w:]  # a smaller window keeps the newest
-            err = np.frombuffer(err_blob, dtype="<f8")[-w:]
+        for i, (key, n_seen, blob, err_blob, zero_blob, fmt) in enumerate(rows):
+            real = "<f4" if fmt == FORMAT else "<f8"  # rows saved before format 2 hold float64
+            # A smaller window keeps the newest; float64 rows are held at float32, as they are saved.
+            res = np.frombuffer(blob, dtype=real)[-w:].astype(np.float32)
+            err = np.frombuffer(err_blob, dtype=real)[-w:].astype(np.float32)
             if len(err) != len(res):
                 raise ModelError(f"meter_stats: row {key!r} has {len(res)} residuals but {len(err)} errors")
             if zero_blob is not None:  # rows saved before the zero flags existed have none: unknown (NaN)
-                zero = np.frombuffer(zero_blob, dtype="<f8")[-w:]
+                if fmt == FORMAT:
+                    flags = np.frombuffer(zero_blob, dtype=np.uint8)[-w:]
+                    zero = np.where(flags == 255, np.nan, flags.astype(np.float64))
+                else:
+                    zero = np.frombuffer(zero_blob, dtype="<f8")[-w:]
                 if len(zero) != len(res):
                     raise ModelError(f"meter_stats: row {key!r} has {len(res)} residuals but {len(zero)} zero flags")
                 self._zero[i, : len(zero)] = zero

@@ -130,7 +130,7 @@ class ReadingScorer:
 
     def __init__(self, holder: ModelHolder, buildings: Buildings, *, stats: MeterStats | None = None,
                  weather=None, weather_max_age_ms: int = 3 * 3600 * 1000, db_path: str | Path | None = None,
-                 save_every_s: float = 300.0, clock: Callable[[], float] = time.monotonic):
+                 save_every_s: float = 600.0, clock: Callable[[], float] = time.monotonic):
         self.holder = holder
         self.buildings = buildings
         self.stats = stats or MeterStats()
