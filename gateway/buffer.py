@@ -297,7 +297,8 @@ class Buffer:
         self.stats: dict[str, Any] = {k: 0 for k in STAT_KEYS}
         self.stats.update(self._state("stats", {}))
         cursor, live = self._state("cursor", list(BOTTOM)), self._state("live")
-        self.lanes = Lanes(tuple(cursor), (tuple(live[0]), tuple(live[1])) if live else None)
+        self.lanes = Lanes(tuple(cursor), (tuple(live[0]), tuple(live[1])) if live else None,
+                           self._state("holes", []))
         self._since_reclaim = 0
         self._stats_saved_at = 0
         self._rate = Rate()
@@ -313,6 +314,11 @@ class Buffer:
                     usql, uargs = _upto(self.lanes.live.cursor)
                     keep += f" OR (({lsql}) AND ({usql}))"
                     args = args + largs + uargs
+                for lane in (self.lanes.backlog, self.lanes.live):  # the lanes step over their holes
+                    for c in lane.inflight if lane is not None else ():
+                        hsql, hargs = _upto(c.hi)
+                        keep += f" OR ((ts > ? OR (ts = ? AND meter >= ?)) AND ({hsql}))"
+                        args = args + (c.lo[0], c.lo[0], c.lo[1]) + hargs
                 db.execute(f"DELETE FROM resend WHERE NOT ({keep})", args)
                 db.execute("DELETE FROM resend WHERE NOT EXISTS (SELECT 1 FROM readings r"
                            " WHERE r.ts = resend.ts AND r.meter = resend.meter)")
@@ -591,12 +597,25 @@ class Buffer:
         # drop_oldest: evict as many unsent, unclaimed readings as are coming in, oldest first:
         # the backlog below the live floor, then the live lane. Claims in flight finish.
         lanes = self.lanes
-        evicted = self._evict(lanes.backlog, lanes.ceiling(lanes.backlog), len(rows))
+        evicted = self._evict(lanes.backlog, len(rows))
         if evicted < len(rows) and lanes.live is not None:
-            evicted += self._evict(lanes.live, None, len(rows) - evicted)
+            evicted += self._evict(lanes.live, len(rows) - evicted)
         return evicted, 0, rows
 
-    def _evict(self, lane: Lane, ceiling: Key | None, n: int) -> int:
+    def _evict(self, lane: Lane, n: int) -> int:
+        """Evict up to ``n`` of ``lane``'s oldest unclaimed readings, going around the holes
+        (readings acknowledged already are never counted evicted)."""
+        gone = 0
+        while gone < n:
+            got = self._evict_range(lane, self.lanes.upper(lane), n - gone)
+            gone += got
+            if gone < n and self.lanes.next_hole(lane) is not None:
+                self._moved(lane, self.lanes.pass_hole(lane))  # nothing is left below the hole
+                continue
+            return gone
+        return gone
+
+    def _evict_range(self, lane: Lane, ceiling: Key | None, n: int) -> int:
         sql, args = _between(lane.frontier, ceiling)
         last = self.db.execute(
             f"SELECT ts, meter FROM readings WHERE {sql} ORDER BY ts, meter LIMIT 1 OFFSET ?", args + (n - 1,)
@@ -618,11 +637,15 @@ class Buffer:
         self._moved(lane, self.lanes.settle_range(lane, tuple(last)))
         return gone
 
-    def _moved(self, lane: Lane, passed: int) -> None:
-        """After ``lane``'s cursor passed ``passed`` readings (-1: it did not move)."""
-        if passed < 0:
+    def _moved(self, lane: Lane, passed: list[Claim] | None) -> None:
+        """After ``lane``'s cursor passed the claims ``passed`` (None: it did not move): what it passed
+        is delivered, or evicted."""
+        if passed is None:
             return
-        self._since_reclaim += passed
+        for c in passed:
+            self._since_reclaim += len(c)
+            if not c.evicted:
+                self.stats["delivered"] += len(c)
         self._persist_lanes()
         if self._since_reclaim >= self.reclaim_every:
             self._reclaim()
@@ -663,9 +686,20 @@ class Buffer:
         return nxt is not None and nxt[0] > int(self.clock() * 1000) - self.live_window_ms
 
     def _claim_lane(self, lane: Lane, limit: int) -> Claim | None:
-        sql, args = _between(lane.frontier, self.lanes.ceiling(lane))
-        rows = self.db.execute(f"{SELECT_ROWS} WHERE {sql} ORDER BY ts, meter LIMIT ?", args + (limit,)).fetchall()
-        return self.lanes.take(lane, rows) if rows else None
+        """The next rows of ``lane``, going around the holes (claims acknowledged ahead of one that
+        was handed back: their readings are delivered, and are not sent again)."""
+        lanes = self.lanes
+        while True:
+            sql, args = _between(lane.frontier, lanes.upper(lane))
+            rows = self.db.execute(f"{SELECT_ROWS} WHERE {sql} ORDER BY ts, meter LIMIT ?",
+                                   args + (limit,)).fetchall()
+            c = lanes.take(lane, rows) if rows else None
+            if len(rows) == limit or lanes.next_hole(lane) is None:
+                return c
+            with self._atomic():  # everything below the hole is claimed: step over it
+                self._moved(lane, lanes.pass_hole(lane))
+            if c is not None:
+                return c
 
     def _claim_resend(self, limit: int) -> Claim | None:
         lanes = self.lanes
@@ -689,7 +723,7 @@ class Buffer:
         if lanes.live is not None:
             return
         floor = lanes.live_floor(int(self.clock() * 1000), self.live_window_ms)
-        if floor <= lanes.backlog.frontier:
+        if floor <= lanes.top_frontier:
             return
         nxt = self.db.execute(
             f"SELECT ts FROM readings WHERE {_after(lanes.backlog.frontier)[0]} ORDER BY ts, meter LIMIT 1",
@@ -729,12 +763,15 @@ class Buffer:
                     lanes: dict[str, Lane] = {}
                     for claim in claims:
                         claim.done = True
-                        self.stats["delivered"] += len(claim.rows)
                         if claim.resend:
+                            self.stats["delivered"] += len(claim.rows)
                             keys = [(r[0], r[1]) for r in claim.rows]
                             before = db.total_changes
                             db.executemany("DELETE FROM resend WHERE ts = ? AND meter = ?", keys)
                             self._resend_count -= db.total_changes - before
+                            # Delivered: the row goes too, or a lane walking over it again (after a
+                            # release) would send it twice, or evict what the cloud already has.
+                            db.executemany("DELETE FROM readings WHERE ts = ? AND meter = ?", keys)
                             self.lanes.resend_inflight.difference_update(keys)
                             continue
                         lane = self.lanes.lane_for_ack(claim)
@@ -745,6 +782,7 @@ class Buffer:
                     self.stats["delivered_at"] = now_ms
                     for lane in lanes.values():
                         self._moved(lane, self.lanes.advance(lane))
+                    self._persist_lanes()  # a claim acknowledged ahead of the cursor is kept too
                     if self.lanes.live is not None and not self.lanes.backlog.inflight:
                         self._maybe_merge()
                     self._set_state("stats", self.stats)
@@ -762,9 +800,10 @@ class Buffer:
             self.lanes.release()
 
     def _persist_lanes(self) -> None:
-        cursor, live = self.lanes.persisted()
+        cursor, live, holes = self.lanes.persisted()
         self._set_state("cursor", cursor)
         self._set_state("live", live)
+        self._set_state("holes", holes)
 
     # ------------------------------------------------------------------ reclaim
 
@@ -849,6 +888,8 @@ class Buffer:
                     lsql += (" AND NOT EXISTS (SELECT 1 FROM resend s WHERE s.ts = readings.ts"
                              " AND s.meter = readings.meter)")
                 n -= self.db.execute(f"SELECT count(*) FROM readings WHERE {lsql}", largs).fetchone()[0]
+            for lane in (lanes.backlog, lanes.live):  # acknowledged ahead of the cursors
+                n -= sum(len(c) for c in lane.inflight if c.done and not c.evicted) if lane is not None else 0
             return n + self._resend_count
 
     def oldest_pending_ts(self) -> int | None:

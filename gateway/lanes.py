@@ -36,9 +36,9 @@ TOP_METER = 1 << 62  # above every meter id: (ts, TOP_METER) is the last key of 
 class Claim:
     """A batch handed out by the buffer: ``rows`` start with (ts, meter id, value)."""
 
-    __slots__ = ("id", "lane", "rows", "lo", "hi", "done", "resend")
+    __slots__ = ("id", "lane", "rows", "lo", "hi", "done", "resend", "evicted", "hole", "n")
 
-    def __init__(self, id: int, lane: str, rows: list[tuple], resend: bool = False):
+    def __init__(self, id: int, lane: str, rows: list[tuple], resend: bool = False, evicted: bool = False):
         self.id = id
         self.lane = lane
         self.rows = rows
@@ -46,9 +46,12 @@ class Claim:
         self.hi: Key = (rows[-1][0], rows[-1][1]) if rows else BOTTOM
         self.done = False
         self.resend = resend
+        self.evicted = evicted  # a range the budget evicted: settled, never delivered
+        self.hole = False  # acknowledged ahead of a claim that was handed back: keys below it wait
+        self.n = len(rows)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.n
 
     def __repr__(self) -> str:
         return f"Claim(id={self.id}, lane={self.lane!r}, n={len(self.rows)}, lo={self.lo}, hi={self.hi})"
@@ -68,15 +71,21 @@ class Lane:
 class Lanes:
     """The backlog lane, the live lane (or None) above ``floor``, and the late readings in flight."""
 
-    def __init__(self, cursor: Key = BOTTOM, live: tuple[Key, Key] | None = None):
+    def __init__(self, cursor: Key = BOTTOM, live: tuple[Key, Key] | None = None, holes: list | None = None):
         cursor = tuple(cursor)
         self.backlog = Lane("backlog", cursor, cursor)
         self.floor: Key | None = tuple(live[0]) if live else None
         self.live: Lane | None = Lane("live", tuple(live[1]), tuple(live[1])) if live else None
         self.next_id = 1
+        for name, lo, hi, n in holes or ():  # acknowledged ahead of a claim that a crash lost
+            lane = self.live if name == "live" and self.live is not None else self.backlog
+            c = self._new_claim(lane.name, [tuple(lo), tuple(hi)])
+            c.n, c.done, c.hole = n, True, True
+            lane.inflight.append(c)
         self.resend_frontier: Key = BOTTOM
         self.resend_inflight: set[Key] = set()
         self.opened: list[Key] = []  # every floor opened by this process, in order
+        self._flags: list = []  # in a copy: the claims' flags when it was taken
 
     def copy(self) -> "Lanes":
         new = Lanes.__new__(Lanes)
@@ -85,10 +94,14 @@ class Lanes:
         new.live = self.live.copy() if self.live is not None else None
         new.resend_inflight = set(self.resend_inflight)
         new.opened = list(self.opened)
+        new._flags = [(c, c.done, c.hole) for lane in (self.backlog, self.live) if lane is not None
+                      for c in lane.inflight]
         return new
 
     def restore(self, saved: "Lanes") -> None:
         """Become ``saved`` again (a copy taken before a transaction that rolled back)."""
+        for c, done, hole in saved._flags:
+            c.done, c.hole = done, hole
         self.__dict__.update(saved.copy().__dict__)
 
     # ------------------------------------------------------------------ where keys belong
@@ -101,28 +114,73 @@ class Lanes:
 
     @property
     def top_frontier(self) -> Key:
-        return self.live.frontier if self.live is not None else self.backlog.frontier
+        """The highest key claimed or acknowledged in any lane (holes included)."""
+        top = self.live.frontier if self.live is not None else self.backlog.frontier
+        for lane in (self.backlog, self.live):
+            if lane is not None:
+                for c in lane.inflight:
+                    if c.hole and c.hi > top:
+                        top = c.hi
+        return top
 
     def ceiling(self, lane: Lane) -> Key | None:
         """The highest key ``lane`` may walk to (the floor for the backlog under a live lane)."""
         return self.floor if lane is self.backlog and self.live is not None else None
 
     def is_late(self, key: Key) -> bool:
-        """Whether a new reading at ``key`` falls where its lane has already claimed."""
-        return key <= self.frontier_for(key)
+        """Whether a new reading at ``key`` falls where its lane has already claimed (below its
+        frontier, or inside a hole the lane will step over)."""
+        lane = self.lane_of(key)
+        if key <= lane.frontier:
+            return True
+        return any(c.hole and c.lo <= key <= c.hi for c in lane.inflight)
 
     # ------------------------------------------------------------------ claims
 
-    def _new_claim(self, lane: str, rows: list[tuple], resend: bool = False) -> Claim:
-        c = Claim(self.next_id, lane, rows, resend)
+    def _new_claim(self, lane: str, rows: list[tuple], resend: bool = False, evicted: bool = False) -> Claim:
+        c = Claim(self.next_id, lane, rows, resend, evicted)
         self.next_id += 1
         return c
+
+    def upper(self, lane: Lane) -> Key | None:
+        """The highest key the next claim or eviction of ``lane`` may reach: its ceiling, or just
+        below the next hole (readings acknowledged already: never sent or evicted again)."""
+        ceiling = self.ceiling(lane)
+        hole = self.next_hole(lane)
+        if hole is None:
+            return ceiling
+        below = (hole.lo[0], hole.lo[1] - 1)  # meter ids are integers
+        return below if ceiling is None or below < ceiling else ceiling
+
+    def next_hole(self, lane: Lane) -> Claim | None:
+        for c in lane.inflight:
+            if c.hole:
+                return c
+        return None
+
+    def pass_hole(self, lane: Lane) -> list[Claim] | None:
+        """Everything below the next hole is claimed: step the frontier over it; returns what
+        :meth:`advance` returns, or None when there is no hole."""
+        hole = self.next_hole(lane)
+        if hole is None:
+            return None
+        hole.hole = False
+        if hole.hi > lane.frontier:
+            lane.frontier = hole.hi
+        return self.advance(lane) or []
+
+    def _insert(self, lane: Lane, c: Claim) -> None:
+        """Into ``lane.inflight`` in key order: before the holes above it."""
+        i = len(lane.inflight)
+        while i > 0 and lane.inflight[i - 1].hole and lane.inflight[i - 1].lo > c.lo:
+            i -= 1
+        lane.inflight.insert(i, c)
 
     def take(self, lane: Lane, rows: list[tuple]) -> Claim:
         """Record a claim of ``rows`` (in key order, above ``lane``'s frontier)."""
         c = self._new_claim(lane.name, rows)
         lane.frontier = c.hi
-        lane.inflight.append(c)
+        self._insert(lane, c)
         return c
 
     def take_resend(self, rows: list[tuple]) -> Claim:
@@ -131,13 +189,13 @@ class Lanes:
         self.resend_inflight.update((r[0], r[1]) for r in rows)
         return c
 
-    def settle_range(self, lane: Lane, hi: Key) -> int:
+    def settle_range(self, lane: Lane, hi: Key) -> list[Claim] | None:
         """Count everything above ``lane``'s frontier up to ``hi`` as settled (evicted): the cursor
-        moves over it as over an acknowledged claim. Returns the readings the cursor passed."""
-        settled = self._new_claim(lane.name, [(hi[0], hi[1], 0.0)])
+        moves over it as over an acknowledged claim. Returns what :meth:`advance` returns."""
+        settled = self._new_claim(lane.name, [(hi[0], hi[1], 0.0)], evicted=True)
         settled.done = True
         lane.frontier = settled.hi
-        lane.inflight.append(settled)
+        self._insert(lane, settled)
         return self.advance(lane)
 
     def lane_for_ack(self, claim: Claim) -> Lane:
@@ -146,17 +204,17 @@ class Lanes:
             return self.backlog  # the lanes merged while it was in flight
         return lane
 
-    def advance(self, lane: Lane) -> int:
-        """Move ``lane``'s cursor over the acknowledged claims at its head; readings passed, or -1
-        when the cursor did not move."""
-        passed, moved = 0, False
-        while lane.inflight and lane.inflight[0].done:
+    def advance(self, lane: Lane) -> list[Claim] | None:
+        """Move ``lane``'s cursor over the acknowledged claims at its head; the claims it passed, or
+        None when it did not move. Only then is a claim delivered for good: one acknowledged ahead
+        of an earlier one is handed out again by :meth:`release` if the earlier one fails."""
+        passed: list[Claim] = []
+        while lane.inflight and lane.inflight[0].done and not lane.inflight[0].hole:
             c = lane.inflight.popleft()
-            passed += len(c.rows)
+            passed.append(c)
             if c.hi > lane.cursor:
                 lane.cursor = c.hi
-            moved = True
-        return passed if moved else -1
+        return passed or None
 
     def owns(self, claim: Claim) -> bool:
         """Whether ``claim`` is still in flight (not released since it was handed out)."""
@@ -165,10 +223,14 @@ class Lanes:
         return any(claim in lane.inflight for lane in (self.backlog, self.live) if lane is not None)
 
     def release(self) -> None:
-        """Forget every claim in flight: they are handed out again from the cursors."""
+        """Forget every claim in flight: they are handed out again from the cursors. A claim
+        acknowledged ahead of one handed back stays, as a hole the next claims go around."""
         for lane in (self.backlog, self.live):
             if lane is not None:
-                lane.inflight.clear()
+                held = [c for c in lane.inflight if c.done]
+                for c in held:
+                    c.hole = True
+                lane.inflight = deque(held)
                 lane.frontier = lane.cursor
         self.resend_frontier = BOTTOM
         self.resend_inflight.clear()
@@ -183,7 +245,7 @@ class Lanes:
 
     def open_live(self, floor: Key) -> bool:
         """Open a live lane above ``floor``; False when the backlog has already passed it."""
-        if self.live is not None or floor <= self.backlog.frontier:
+        if self.live is not None or floor <= self.top_frontier:  # holes included: they stay the backlog's
             return False
         self.floor = floor
         self.live = Lane("live", floor, floor)
@@ -198,7 +260,10 @@ class Lanes:
         self.live = None
         self.floor = None
 
-    def persisted(self) -> tuple[list, list | None]:
-        """What the buffer stores: the backlog cursor, and [floor, live cursor] or None."""
+    def persisted(self) -> tuple[list, list | None, list]:
+        """What the buffer stores: the backlog cursor, [floor, live cursor] or None, and the claims
+        acknowledged ahead of the cursors ([lane, lo, hi, readings]), which a restart keeps."""
         live = [list(self.floor), list(self.live.cursor)] if self.live is not None else None
-        return list(self.backlog.cursor), live
+        holes = [[lane.name, list(c.lo), list(c.hi), c.n] for lane in (self.backlog, self.live)
+                 if lane is not None for c in lane.inflight if c.done and not c.evicted]
+        return list(self.backlog.cursor), live, holes

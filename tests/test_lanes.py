@@ -15,9 +15,9 @@ def test_the_cursor_moves_only_over_acknowledged_claims_at_the_head():
     b = lanes.take(lanes.backlog, rows((3, 1), (4, 1)))
     assert lanes.backlog.frontier == (4, 1) and lanes.backlog.cursor == BOTTOM
     b.done = True
-    assert lanes.advance(lanes.backlog) == -1  # b waits for a
+    assert lanes.advance(lanes.backlog) is None  # b waits for a
     a.done = True
-    assert lanes.advance(lanes.backlog) == 4 and lanes.backlog.cursor == (4, 1)
+    assert lanes.advance(lanes.backlog) == [a, b] and lanes.backlog.cursor == (4, 1)
 
 
 def test_release_hands_everything_out_again_and_forgets_the_claims():
@@ -40,7 +40,7 @@ def test_a_live_lane_opens_above_its_floor_and_merges_into_the_backlog():
     live = lanes.take(lanes.live, rows((150, 1)))
     live.done = True
     lanes.advance(lanes.live)
-    assert lanes.persisted() == ([0, 0], [[100, TOP_METER], [150, 1]])
+    assert lanes.persisted() == ([0, 0], [[100, TOP_METER], [150, 1]], [])
     lanes.merge()
     assert lanes.live is None and lanes.backlog.cursor == (150, 1)
     assert not lanes.open_live((120, TOP_METER))  # the backlog has passed it
