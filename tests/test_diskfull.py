@@ -164,6 +164,10 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def files(mnt: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(mnt.iterdir())}
+
+
 def said_disk_full(gw: Gateway) -> bool:
     return "full" in gw.stderr().lower()
 
@@ -230,7 +234,9 @@ def test_a_full_disk_loses_nothing_acknowledged_and_recovers_by_itself(
         link.restore()
         settled = wait_until(lambda: (s := peek(db)) is not None and s["received"] == TOTAL and s["pending"] == 0
                              and s["stored"] > stored_when_full and s, timeout=240, every=0.5)
-        assert settled, f"the gateway did not recover after space came back: {peek(db)}; stderr:\n{gw.stderr()[-4000:]}"
+        assert settled, (
+            f"the gateway did not recover after space came back: {peek(db)}; files {files(mnt)}, "
+            f"{free_bytes(mnt):,} bytes free; stderr:\n{gw.stderr()[-4000:]}")
         assert gw.alive(), gw.stderr()[-4000:]
         rc = gw.stop()
         assert rc == 0, f"exit {rc}:\n{gw.stderr()[-4000:]}"
