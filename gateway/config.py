@@ -61,11 +61,14 @@ Reference (defaults in brackets)::
       ack_timeout_s: 30             # [30] no PUBACK for this long while connected = retry
       backoff_min_s: 0.5            # [0.5]
       backoff_max_s: 60             # [60] each of the three at most 86400
+      auth_retry_s: 300             # [300] after NOT_AUTHORIZED (a policy fault): retry this slowly
+      basic_ingest_rule: null       # [null] a rule name: publish to $aws/rules/<rule>/dt/... (Basic Ingest)
     model:                          # optional: score every reading
       path: models/ashrae-lgbm      # the model folder (model.onnx, golden.json, manifest.json)
       buildings: data/building_metadata.csv  # [the bundled metadata]
       threads: 1                    # [1] 1..64
       threshold: 3.5                # [3.5] anomaly score at or above which a reading is flagged
+      save_every_s: 600             # [600] save what the meters learned this often (a crash loses at most that)
       enabled: true                 # [true]
     weather:                        # optional
       path: data/sample/weather_2016.json.gz
@@ -86,6 +89,7 @@ import yaml
 
 from gateway import validators
 from gateway.errors import ConfigError, ConfigErrors
+from gateway.topics import check_rule_name
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SOURCE_TYPES = ("replay", "simulator")
@@ -399,7 +403,8 @@ def validate(raw: Any, base: Path = Path(".")) -> Config:
                 publisher[key] = c.path(f"publisher.{key}", c.get("publisher", p, key, str))
 
     f = c.mapping("forwarder", top.get("forwarder"), {"batch_size", "claim_size", "window", "ack_timeout_s",
-                                                      "backoff_min_s", "backoff_max_s"})
+                                                      "backoff_min_s", "backoff_max_s", "auth_retry_s",
+                                                      "basic_ingest_rule"})
     forwarder = {
         "batch_size": c.get("forwarder", f, "batch_size", int, 100, check=between(1, 100)),
         "claim_size": c.get("forwarder", f, "claim_size", int, 1000, check=between(1, 100_000)),
@@ -407,6 +412,9 @@ def validate(raw: Any, base: Path = Path(".")) -> Config:
         "ack_timeout_s": c.get("forwarder", f, "ack_timeout_s", (int, float), 30, check=positive(MAX_TIMEOUT_S)),
         "backoff_min_s": c.get("forwarder", f, "backoff_min_s", (int, float), 0.5, check=positive(MAX_TIMEOUT_S)),
         "backoff_max_s": c.get("forwarder", f, "backoff_max_s", (int, float), 60, check=positive(MAX_TIMEOUT_S)),
+        "auth_retry_s": c.get("forwarder", f, "auth_retry_s", (int, float), 300, check=positive(MAX_TIMEOUT_S)),
+        "basic_ingest_rule": c.get("forwarder", f, "basic_ingest_rule", str, None, nullable=True,
+                                   check=lambda v: check_rule_name(v) and "must be 1 to 128 letters, digits or underscores"),
     }
     if forwarder["backoff_max_s"] < forwarder["backoff_min_s"]:
         default = "" if "backoff_max_s" in f else " (the default)"
@@ -437,11 +445,13 @@ def validate(raw: Any, base: Path = Path(".")) -> Config:
 
 
 def _model_section(c: _Checker, top: dict) -> dict:
-    m = c.mapping("model", top.get("model"), {"path", "buildings", "threads", "threshold", "enabled"}, {"path"})
+    m = c.mapping("model", top.get("model"), {"path", "buildings", "threads", "threshold", "enabled", "save_every_s"},
+                  {"path"})
     out = {
         "enabled": c.get("model", m, "enabled", bool, True),
         "threads": c.get("model", m, "threads", int, 1, check=between(1, 64)),
         "threshold": c.get("model", m, "threshold", (int, float), 3.5, check=gt(0)),
+        "save_every_s": c.get("model", m, "save_every_s", (int, float), 600, check=positive(MAX_TIMEOUT_S)),
     }
     if "path" in m:
         out["path"] = c.path("model.path", c.get("model", m, "path", str), kind="dir")

@@ -93,6 +93,7 @@ def build_scorer(config: Config, db_path: Any) -> Any:
         weather = WeatherReplay(config.weather["path"]).table(retain_ms=None)
         max_age = config.weather["max_age_ms"]
     return ReadingScorer(holder, Buildings.from_csv(m["buildings"]), stats=MeterStats(threshold=m["threshold"]),
+                         save_every_s=m.get("save_every_s", 600),
                          weather=weather, weather_max_age_ms=max_age, db_path=db_path)
 
 
@@ -229,7 +230,7 @@ class Gateway:
     def __init__(self, config: Config, *, publisher: Publisher | None = None,
                  sources: list[Source] | None = None, scorer: Any = None,
                  dead_after_s: float = 300.0, stage_backoff: Callable[[], Backoff] | None = None,
-                 auth_retry_s: float = 300.0, basic_ingest_rule: str | None = None):
+                 auth_retry_s: float | None = None, basic_ingest_rule: str | None = None):
         self.config = config
         b = config.buffer
         self.buffer = Buffer(b["path"], budget_bytes=b["budget_bytes"], policy=b["policy"],
@@ -248,7 +249,9 @@ class Gateway:
         self.forwarder = Forwarder(
             self.buffer, self.publisher, config.thing, app=config.app, batch_size=f["batch_size"],
             claim_size=f["claim_size"], window=f["window"], ack_timeout_s=f["ack_timeout_s"],
-            auth_retry_s=auth_retry_s, basic_ingest_rule=basic_ingest_rule, backoff=Backoff(f["backoff_min_s"], f["backoff_max_s"]),
+            auth_retry_s=auth_retry_s if auth_retry_s is not None else f.get("auth_retry_s", 300.0),
+            basic_ingest_rule=basic_ingest_rule or f.get("basic_ingest_rule"),
+            backoff=Backoff(f["backoff_min_s"], f["backoff_max_s"]),
         )
         self.stop_event = threading.Event()
         self.health = Health(self.buffer)

@@ -35,7 +35,8 @@ publisher: {type: memory}
 TOP_KEYS = "app, buffer, forwarder, log_level, model, publisher, sources, thing, weather"
 BUFFER_KEYS = "budget_mb, live_window_s, path, policy, synchronous"
 REPLAY_KEYS = "batch_size, name, path, speed, type"
-FORWARDER_KEYS = "ack_timeout_s, backoff_max_s, backoff_min_s, batch_size, claim_size, window"
+FORWARDER_KEYS = ("ack_timeout_s, auth_retry_s, backoff_max_s, backoff_min_s, basic_ingest_rule, batch_size, "
+                  "claim_size, window")
 
 
 @pytest.fixture
@@ -84,7 +85,8 @@ def test_minimal_config_fills_defaults(folder):
     ]
     assert config.publisher == {"type": "memory"}
     assert config.forwarder == {"batch_size": 100, "claim_size": 1000, "window": 64, "ack_timeout_s": 30,
-                                "backoff_min_s": 0.5, "backoff_max_s": 60}
+                                "backoff_min_s": 0.5, "backoff_max_s": 60, "auth_retry_s": 300,
+                                "basic_ingest_rule": None}
     assert config.model is None and config.weather is None
 
 
@@ -670,3 +672,15 @@ publisher: {type: memory}
         assert buffer.status()["budget_bytes"] == 2**20
     finally:
         buffer.close()
+
+
+def test_the_forwarder_and_model_keys_of_the_fault_paths(tmp_path):
+    from gateway.config import validate
+
+    base = {"thing": "gw-1", "sources": [{"type": "simulator"}], "publisher": {"type": "memory"}}
+    good = validate({**base, "forwarder": {"auth_retry_s": 60, "basic_ingest_rule": "meters_raw"}}, tmp_path)
+    assert good.forwarder["auth_retry_s"] == 60 and good.forwarder["basic_ingest_rule"] == "meters_raw"
+    assert validate(base, tmp_path).forwarder["basic_ingest_rule"] is None
+    with pytest.raises(ConfigErrors, match=r"^forwarder\.auth_retry_s: 0 must be > 0\nforwarder\.basic_ingest_rule: "
+                                           r"'meters-raw' must be 1 to 128 letters, digits or underscores$"):
+        validate({**base, "forwarder": {"basic_ingest_rule": "meters-raw", "auth_retry_s": 0}}, tmp_path)
