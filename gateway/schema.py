@@ -36,9 +36,12 @@ def _scores_beside_readings(db: sqlite3.Connection) -> None:
     ensure_meter_stats(db)
     db.execute("CREATE TABLE IF NOT EXISTS models(id INTEGER PRIMARY KEY, version TEXT NOT NULL UNIQUE)")
     have = _columns(db, "readings")
-    for name, kind in (("expected", "REAL"), ("score", "REAL"), ("flag", "INTEGER"), ("model", "INTEGER")):
+    # expected and score have no declared type (no affinity): they hold integers of their rounding
+    # unit, or a REAL too large for that, exactly as given (a REAL column would turn the integers
+    # into floats, an INTEGER one an integral float into an integer).
+    for name, kind in (("expected", ""), ("score", ""), ("flag", " INTEGER"), ("model", " INTEGER")):
         if name not in have:
-            db.execute(f"ALTER TABLE readings ADD COLUMN {name} {kind}")
+            db.execute(f"ALTER TABLE readings ADD COLUMN {name}{kind}")
 
 
 Step = str | Callable[[sqlite3.Connection], None]

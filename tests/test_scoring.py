@@ -311,6 +311,11 @@ def test_scored_message_carries_expected_score_flag_and_model(tmp_path, building
     assert msg.topic == "dt/meters/15/gw-1/scored"
     body = decode(msg.payload)
     assert body["model"] == holder.version and body["n"] == 3
+    from gateway.buffer import MeterInfo
+
+    _, control = ReadingScorer(holder, buildings).score_rows(  # the same readings, scored directly
+        [(START_MS + i * MIN, 1, 40.0 + i) for i in range(3)], {1: MeterInfo("15", "1433", "electricity")})
+    assert body["readings"] == control  # stored as integers of their unit, read back as the same floats
     for meter, ts, value, expected, score, flag in body["readings"]:
         assert meter == "1433:electricity" and expected > 0 and score >= 0 and flag in (0, 1)
 
