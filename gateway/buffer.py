@@ -70,8 +70,7 @@ __all__ = ["Buffer", "Claim", "MIGRATIONS", "POLICIES", "PutResult", "MeterInfo"
 log = logging.getLogger(__name__)
 
 
-# Counters. Those a promise depends on (quarantined, evicted_oldest, rejected_newest) are saved
-# in the same transaction as the rows they count; the others with each ack and once a second.
+# Counters, saved in the same transaction as the rows they count (put, ack, quarantine).
 STAT_KEYS = (
     "received",          # readings offered to put()
     "stored",            # new readings written
@@ -107,6 +106,9 @@ def _columns(t: str = "") -> str:
 
 
 SELECT_ROWS = f"SELECT {_columns()} FROM readings"
+
+#: Acknowledged rows deleted by one reclaim transaction (about 50 pages of WAL).
+RECLAIM_CHUNK = 5_000
 
 
 class PutResult(NamedTuple):
@@ -212,6 +214,7 @@ class Buffer:
                 # each page it frees. FAST zeroes only what costs no extra write.
                 self.db.execute("PRAGMA secure_delete=FAST")
                 self.budget.configure(self.db)
+                self.budget.keep_reserve()
             self.db.execute("PRAGMA busy_timeout=5000")
             if not readonly:
                 migrate(self.db, self.path, int(self.clock() * 1000))
@@ -300,7 +303,7 @@ class Buffer:
         self.lanes = Lanes(tuple(cursor), (tuple(live[0]), tuple(live[1])) if live else None,
                            self._state("holes", []))
         self._since_reclaim = 0
-        self._stats_saved_at = 0
+        self._reclaim_due = False
         self._rate = Rate()
         self._delivery_rate = Rate()
         if not self.readonly:
@@ -334,8 +337,8 @@ class Buffer:
     def _memory(self) -> tuple:
         """Everything in memory that a transaction may change."""
         return (self.lanes.copy(), dict(self.stats), len(self.meters), len(self._source_ids),
-                len(self.models), self._resend_count, self._since_reclaim, self.budget.state(),
-                self._quarantine_bytes)
+                len(self.models), self._resend_count, (self._since_reclaim, self._reclaim_due),
+                self.budget.state(), self._quarantine_bytes)
 
     def _restore(self, saved: tuple) -> None:
         lanes, stats, n_meters, n_sources, n_models, resend, since, budget, self._quarantine_bytes = saved
@@ -348,7 +351,7 @@ class Buffer:
             self._source_ids.pop(next(reversed(self._source_ids)))
         while len(self.models) > n_models:
             self._model_ids.pop(self.models.popitem()[1], None)
-        self._resend_count, self._since_reclaim = resend, since
+        self._resend_count, (self._since_reclaim, self._reclaim_due) = resend, since
         self.budget.restore(budget)
 
     @contextmanager
@@ -549,10 +552,8 @@ class Buffer:
         self._rate.add(now_ms, stored)
         st["ingest_per_h"] = self._rate.per_hour()
         st["stored_at"] = now_ms
-        # A count a promise depends on commits with its rows; the rest once a second.
-        if quarantined or evicted or refused or now_ms - self._stats_saved_at >= 1000:
-            self._set_state("stats", st)
-            self._stats_saved_at = now_ms
+        # The counts commit with the rows they count: a stop on a full disk, a crash, loses none.
+        self._set_state("stats", st)
 
     # ------------------------------------------------------------------ late readings
 
@@ -584,10 +585,15 @@ class Buffer:
         """Apply the budget policy, inside put's transaction, when the budget is used up.
 
         Returns (evicted, refused, rows to insert)."""
-        self._reclaim()  # acknowledged rows go first
+        self._reclaim(max(RECLAIM_CHUNK, 2 * len(rows)))  # acknowledged rows go first
         if not self.budget.over(self.db, len(rows)):
             return 0, 0, rows
         if self.policy == "reject_newest":
+            if self.budget.room(len(rows)) < self.budget.empty_bytes + self.budget.row_bytes * len(rows):
+                raise BufferError(
+                    f"{self.path}: a batch of {len(rows)} readings is more than a budget of {self.budget_bytes} "
+                    f"bytes can ever hold; lower the source's batch_size or raise buffer.budget_mb"
+                )
             if can_wait:
                 raise BufferFull(
                     f"{self.path}: the buffer's budget of {self.budget_bytes} bytes is used "
@@ -648,7 +654,7 @@ class Buffer:
                 self.stats["delivered"] += len(c)
         self._persist_lanes()
         if self._since_reclaim >= self.reclaim_every:
-            self._reclaim()
+            self._reclaim_due = True  # after the transaction, in chunks of its own
 
     # ------------------------------------------------------------------ claim / ack
 
@@ -792,6 +798,8 @@ class Buffer:
                 raise
             finally:
                 self.db.execute(f"PRAGMA synchronous={self.synchronous}")
+            if self._reclaim_due:  # committed: reclaim what it passed, in bounded transactions
+                self._reclaim_in_chunks(chunks=20)
 
     def release_all(self) -> None:
         """Forget every claim in flight: after a publish failure, unacknowledged claims are
@@ -807,20 +815,45 @@ class Buffer:
 
     # ------------------------------------------------------------------ reclaim
 
-    def _reclaim(self) -> int:
-        """Delete acknowledged rows below the backlog cursor (one range delete)."""
-        sql, args = _upto(self.lanes.backlog.cursor)
+    def _reclaim(self, limit: int = RECLAIM_CHUNK) -> int:
+        """Delete up to ``limit`` of the oldest acknowledged rows, below the backlog cursor (one
+        range delete). Bounded, so that its transaction needs little WAL: on a full disk a delete
+        of a whole backlog could never commit, and nothing else could either."""
+        top = self.lanes.backlog.cursor
+        edge = self.db.execute(
+            f"SELECT ts, meter FROM readings WHERE {_upto(top)[0]} ORDER BY ts, meter LIMIT 1 OFFSET ?",
+            _upto(top)[1] + (limit - 1,)).fetchone()
+        done = edge is None  # fewer than limit left: this delete takes them all
+        sql, args = _upto(top if done else tuple(edge))
         if self._resend_count:
             sql += " AND NOT EXISTS (SELECT 1 FROM resend s WHERE s.ts = readings.ts AND s.meter = readings.meter)"
         before = self.db.total_changes
         self.db.execute(f"DELETE FROM readings WHERE {sql}", args)
-        self._since_reclaim = 0
+        if done:
+            self._since_reclaim = 0
+            self._reclaim_due = False
         return self.db.total_changes - before
+
+    def _reclaim_in_chunks(self, chunks: int = 1 << 30) -> int:
+        """Reclaim in bounded transactions of their own, up to ``chunks`` of them; a full disk stops
+        it (reclaim is tried again after the next acknowledgement)."""
+        n = 0
+        for _ in range(chunks):
+            try:
+                with self._atomic():
+                    got = self._reclaim()
+            except DiskFull:
+                return n
+            n += got
+            if not self._reclaim_due:
+                break
+        return n
 
     def reclaim(self) -> int:
         """Reclaim space now; returns the number of rows deleted."""
-        with self._lock, self._atomic():
-            return self._reclaim()
+        with self._lock:
+            self._reclaim_due = True
+            return self._reclaim_in_chunks()
 
     # ------------------------------------------------------------------ the quarantine
 
@@ -925,6 +958,7 @@ class Buffer:
                 "oldest_pending_age_s": (now_ms - oldest) / 1000 if oldest else None,
                 "used_bytes": used,
                 "budget_bytes": self.budget_bytes,
+                "limit_bytes": self.budget.limit,  # the budget less the WAL's share and the reserve
                 "policy": self.policy,
                 "disk_full": self.budget.disk_cap is not None,
                 "bytes_per_reading": round(bytes_per_reading, 1),

@@ -352,7 +352,8 @@ def test_status_reports_autonomy(tmp_path):
         clock[0] += 60  # 100 readings a minute
     st = b.status()
     assert st["ingest_per_h"] == pytest.approx(6000, rel=0.01)
-    expected = (st["budget_bytes"] - st["used_bytes"]) / (6000 * st["bytes_per_reading"])
+    assert st["limit_bytes"] == st["budget_bytes"] - 2 * (4 << 20) - (64 << 10)  # the WAL's share, the reserve
+    expected = (st["limit_bytes"] - st["used_bytes"]) / (6000 * st["bytes_per_reading"])
     assert st["autonomy_hours"] == pytest.approx(expected, rel=0.05)
     assert st["pending"] == 1000 and st["oldest_pending_ts"] == T0
     b.close()
@@ -550,3 +551,13 @@ def test_new_readings_above_every_frontier_skip_the_per_row_late_check(buf, monk
     assert calls == []
     buf.put([reading(10, meter="2")])  # a late reading does take the per-row path
     assert calls == [(T0 + 10 * MIN, 2)]
+
+
+def test_a_batch_no_budget_could_hold_is_a_clear_error_not_a_wait_forever(tmp_path):
+    b = Buffer(tmp_path / "b.db", budget_bytes=1 << 20, policy="reject_newest", live_window_ms=10**12)
+    with pytest.raises(BufferError, match=r"^.*b\.db: a batch of 30000 readings is more than a budget of 1048576 "
+                                          r"bytes can ever hold; lower the source's batch_size or raise "
+                                          r"buffer\.budget_mb$"):
+        b.put(readings(30_000))
+    assert b.put(readings(2_000)).stored == 2_000  # a batch that fits goes in
+    b.close()

@@ -91,7 +91,7 @@ class SimulatorSource:
         anomaly_rate: float = 0.0,
         end_ms: int | None = None,
         count: int | None = None,
-        batch_size: int = 10_000,
+        batch_size: int = 2_500,
         labels_path: str | Path | None = None,
         metadata_path: str | Path | None = DEFAULT_METADATA,
         clock: Callable[[], float] = time.monotonic,
