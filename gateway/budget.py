@@ -46,11 +46,10 @@ class Budget:
         # fills, so that the WAL can always be checkpointed into the database (which may have to
         # grow for that) and nothing stays stuck once the disk is full.
         self.reserve_path = Path(f"{path}.reserve")
-        self.reserve_bytes = self.wal_bytes + (64 << 10)
+        self.reserve_bytes = self.wal_bytes
         self.disk_cap: int | None = None  # set when the disk filled before the budget
         self._last_used, self._unmeasured = 0, 1 << 40  # measure on the first put
         self.row_bytes = 40.0  # what a stored reading costs, learned from the pages as they fill
-        self.empty_bytes = 16 * 4096  # what the schema takes before any reading (about 16 pages)
 
     def keep_reserve(self) -> bool:
         """Have the reserve file (when the disk has room for it and more); whether it is there."""

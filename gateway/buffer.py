@@ -589,7 +589,7 @@ class Buffer:
         if not self.budget.over(self.db, len(rows)):
             return 0, 0, rows
         if self.policy == "reject_newest":
-            if self.budget.room(len(rows)) < self.budget.empty_bytes + self.budget.row_bytes * len(rows):
+            if self.budget.room(len(rows)) < self.budget.row_bytes * len(rows):  # not even in an empty buffer
                 raise BufferError(
                     f"{self.path}: a batch of {len(rows)} readings is more than a budget of {self.budget_bytes} "
                     f"bytes can ever hold; lower the source's batch_size or raise buffer.budget_mb"

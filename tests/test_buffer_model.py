@@ -5,12 +5,13 @@ reading is delivered, and only acknowledged readings are ever removed."""
 from __future__ import annotations
 
 import random
-import sqlite3
 
 import pytest
 
 from gateway.buffer import Buffer
 from gateway.readings import Reading
+
+from faults import FailingConnection
 
 T0 = 1_767_225_600_000
 MIN = 60_000
@@ -91,48 +92,6 @@ def test_the_interleavings_exercised_the_live_lane():
 
 
 # ---------------------------------------------------------------- at the budget, with failures
-
-class FailingConnection:
-    """The buffer's sqlite3 connection, except that the insert of readings raises
-    ``database or disk is full`` while ``armed`` (after whatever ran before it in the put:
-    reclaim, eviction, new meters). ``deleted`` tells whether rows were deleted from readings
-    in the transaction that failed (an eviction or a reclaim ran first)."""
-
-    def __init__(self, db: sqlite3.Connection, tally: dict[str, int]):
-        self._db = db
-        self.armed = False
-        self.tally = tally  # failed, failed_after_delete: across the buffers of one run
-        self._deleted = False
-
-    def _check(self, sql: str) -> None:
-        text = " ".join(sql.split()).upper()
-        if text.startswith("BEGIN"):
-            self._deleted = False
-        elif text.startswith("DELETE FROM READINGS"):
-            self._deleted = True
-        elif self.armed and text.startswith("INSERT INTO READINGS"):
-            self.armed = False
-            self.tally["failed"] += 1
-            self.tally["failed_after_delete"] += self._deleted
-            raise sqlite3.OperationalError("database or disk is full")
-
-    def execute(self, sql, *args):
-        self._check(sql)
-        return self._db.execute(sql, *args)
-
-    def executemany(self, sql, *args):
-        self._check(sql)
-        return self._db.executemany(sql, *args)
-
-    def __enter__(self):
-        return self._db.__enter__()
-
-    def __exit__(self, *exc):
-        return self._db.__exit__(*exc)
-
-    def __getattr__(self, name):
-        return getattr(self._db, name)
-
 
 def meters_in_db(db) -> dict[int, tuple[str, str, str]]:
     return {mid: (site, building, meter) for mid, site, building, meter in

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 import threading
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from gateway.publishers import MemoryPublisher
 from gateway.readings import Reading
 from gateway.sources.simulator import SimulatorSource
 from gateway.sources.weather import LatestWeather
+
+from faults import FailingConnection
 
 MODEL = default_model()
 BUILDINGS = default_buildings()
@@ -229,16 +230,9 @@ def test_a_put_that_rolls_back_forgets_what_its_scoring_learned(tmp_path, buildi
     for i in range(0, len(readings), 50):
         if i == 100:  # this batch is scored, then its insert fails: the disk is full
             real = buf.db
-            class Failing:
-                in_transaction = property(lambda self: real.in_transaction)
-                total_changes = property(lambda self: real.total_changes)
-                def execute(self, *a):
-                    return real.execute(*a)
-                def executemany(self, sql, rows):
-                    if sql.startswith("INSERT INTO readings"):
-                        raise sqlite3.OperationalError("database or disk is full")
-                    return real.executemany(sql, rows)
-            monkeypatch.setattr(buf, "db", Failing())
+            failing = FailingConnection(real, {"failed": 0, "failed_after_delete": 0})
+            failing.armed = True
+            monkeypatch.setattr(buf, "db", failing)
             with pytest.raises(DiskFull):
                 buf.put(readings[i : i + 50])
             monkeypatch.setattr(buf, "db", real)
