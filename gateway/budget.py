@@ -87,10 +87,16 @@ class Budget:
         return min(limit, self.disk_cap) if self.disk_cap is not None else limit
 
     def used(self, db: sqlite3.Connection) -> int:
+        """The database's pages in use, plus what the WAL holds beyond its share (a reader that
+        keeps an old snapshot holds back the checkpoint, and the log grows past it)."""
         pages, free, size = db.execute(
             "SELECT * FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()"
         ).fetchone()
-        return (pages - free) * size
+        try:
+            wal = os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            wal = 0
+        return (pages - free) * size + max(wal - self.wal_bytes, 0)
 
     def near(self, db: sqlite3.Connection, incoming: int) -> bool:
         """Whether ``incoming`` more readings would pass the limit (reads the pages only when the
@@ -118,10 +124,10 @@ class Budget:
 
     def room(self, incoming: int, row_bytes: float | None = None) -> float:
         """What the database's pages may use with a put of ``incoming`` readings: the limit, less
-        what the put's own transaction adds to the WAL beyond its share (its new pages, and as many
-        again for what an eviction rewrites), which sits beside the file until the checkpoint."""
-        tx = 2 * (row_bytes or self.row_bytes) * incoming
-        return self.limit - max(tx - self.wal_bytes, 0)
+        what the put's own transaction writes (its new pages, and as many again for what an
+        eviction rewrites), which the file and the WAL both hold until the checkpoint; the WAL's
+        share stays for what a reader holds back."""
+        return self.limit - 2 * (row_bytes or self.row_bytes) * incoming
 
     def disk_full(self, db: sqlite3.Connection) -> None:
         """The disk filled: move the WAL into the database and keep it small (its frames are what

@@ -394,6 +394,8 @@ class Buffer:
         undo: Callable[[], None] | None = None
         saving = False
         with self._lock:
+            if self._reclaim_due:  # acknowledged rows first, in transactions of their own
+                self._reclaim_in_chunks(chunks=20)
             try:
                 with self._atomic() as db:
                     rows, lo_ts = self._rows(readings, now_ms, quarantine)
@@ -426,9 +428,11 @@ class Buffer:
                         self.scorer.save(db)
                 if saving:
                     self.scorer.saved()  # committed: what changed is on disk
-            except BaseException:
+            except BaseException as exc:
                 if undo is not None:
                     undo()
+                if isinstance(exc, BufferFull):  # the reclaim in the refused put rolled back with it:
+                    self._reclaim_due = True  # the next put reclaims first, and commits that
                 raise
         if stored:
             for fn in self._listeners:
