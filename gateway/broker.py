@@ -27,12 +27,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.errors import BrokerError
+
 MOSQUITTO = "/usr/sbin/mosquitto"
 MISSING_MOSQUITTO = "mosquitto not found: install it with `apt-get install -y mosquitto`"
-
-
-class BrokerError(RuntimeError):
-    """The local broker or its certificates could not be set up."""
 
 
 @dataclass(frozen=True)

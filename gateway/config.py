@@ -88,13 +88,13 @@ from typing import Any, Callable
 import yaml
 
 from gateway import validators
+from gateway.budget import POLICIES
 from gateway.errors import ConfigError, ConfigErrors
 from gateway.topics import check_rule_name
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SOURCE_TYPES = ("replay", "simulator")
 PUBLISHER_TYPES = ("mqtt", "memory")
-POLICIES = ("drop_oldest", "reject_newest")
 
 #: The largest config file read, in bytes: a real one is a few KB, and PyYAML reads ~1 MB/s.
 MAX_CONFIG_BYTES = 1 << 20
