@@ -68,13 +68,20 @@ def run(config_path: str, exit_when_idle: bool, check: bool) -> None:
         gw.forwarder.wake.set()
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    failure: GatewayError | None = None
     try:
         gw.start()
-        gw.wait(until_idle=exit_when_idle)
+        try:
+            gw.wait(until_idle=exit_when_idle)  # the idle check reads the buffer too (a damaged page)
+        except GatewayError as exc:
+            failure = exc
         gw.stop()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if failure is not None:
+        click.echo(f"error: {failure}", err=True)
+        sys.exit(1)
     f = gw.forwarder
     click.echo(
         f"stopped: {gw.buffer.stats['stored']} stored, {gw.buffer.stats['delivered']} delivered, "

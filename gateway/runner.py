@@ -276,7 +276,8 @@ class Gateway:
                 position = self.buffer.position(source.name)
                 log.info("source %s starts at position %r", source.name, position)
                 for batch in source.batches(position, self.stop_event):
-                    self.buffer.put(batch.readings, batch.rejected, source=source.name, position=batch.position)
+                    self.buffer.put(batch.readings, batch.rejected, source=source.name, position=batch.position,
+                                    can_wait=getattr(source, "can_wait", True))
                     stage.ok()
                     if self.stop_event.is_set():
                         break

@@ -295,3 +295,24 @@ def test_model_train_without_the_train_extra_is_a_message(monkeypatch):
     assert result.stderr == ("error: gateway model train needs the train extra (lightgbm is missing): "
                              "pip install 'meter-gateway[train]'\n")
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_a_source_that_cannot_wait_has_its_batches_refused_and_counted_when_the_buffer_is_full(tmp_path):
+    """reject_newest is backpressure for a source that can wait; one that cannot counts its losses."""
+    conf = validate({"thing": "gw-1", "sources": [{"type": "simulator"}], "publisher": {"type": "memory"},
+                     "buffer": {"path": str(tmp_path / "b.db"), "budget_mb": 1, "policy": "reject_newest"}}, tmp_path)
+
+    class Live(ListSource):
+        can_wait = False
+
+    pub = MemoryPublisher()
+    pub.hold = True  # nothing is acknowledged: the buffer fills
+    live = Live("meter", readings(30_000), size=1000)
+    gw = Gateway(conf, publisher=pub, sources=[live]).start()
+    for t in gw._source_threads:
+        t.join(60)
+    assert gw.sources_done
+    st = gw.buffer.status()
+    assert st["rejected_newest"] > 0 and st["stored"] + st["rejected_newest"] == 30_000
+    assert gw.buffer.position("meter") == 30_000  # it moved on past what it lost
+    gw.stop()

@@ -12,6 +12,11 @@ carries the position *after* it; the runner stores the batch's readings and that
 one SQLite transaction, so a restart resumes exactly after the last stored batch: nothing
 skipped, nothing read twice. ``stop`` is a :class:`threading.Event`; a source that paces
 itself waits on it instead of sleeping, so Ctrl-C is prompt.
+
+When the buffer is full under ``reject_newest``, a source waits by default: its batch is
+offered again once the forwarder has made room, and its position stays. A source that cannot
+wait (a meter whose values are gone if not taken now) says so with ``can_wait = False``: its
+batch is then refused and counted (``rejected_newest``), and its position moves on.
 """
 
 from __future__ import annotations
