@@ -218,8 +218,8 @@ class Lanes:
 
     def owns(self, claim: Claim) -> bool:
         """Whether ``claim`` is still in flight (not released since it was handed out)."""
-        if claim.resend:
-            return all((r[0], r[1]) in self.resend_inflight for r in claim.rows[:1])
+        if claim.resend:  # its keys are in flight together, or were released together
+            return bool(claim.rows) and claim.lo in self.resend_inflight
         return any(claim in lane.inflight for lane in (self.backlog, self.live) if lane is not None)
 
     def release(self) -> None:

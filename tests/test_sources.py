@@ -7,7 +7,6 @@ import gzip
 import json
 import math
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
