@@ -98,6 +98,27 @@ class Budget:
             wal = 0
         return (pages - free) * size + max(wal - self.wal_bytes, 0)
 
+    def hold_wal(self, db: sqlite3.Connection) -> None:
+        """After a commit: when a reader held back the checkpoints and the WAL grew half its share
+        past it (acknowledgements and reclaims are not gated like puts), checkpoint it in full and
+        truncate it, waiting a moment for the reader to finish."""
+        if not self.wal_bytes:
+            return
+        try:
+            wal = os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            return
+        if wal <= self.wal_bytes * 3 // 2:
+            return
+        (timeout,) = db.execute("PRAGMA busy_timeout").fetchone()
+        db.execute("PRAGMA busy_timeout=250")
+        try:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass  # still held: the next commit tries again, and the excess counts as used meanwhile
+        finally:
+            db.execute(f"PRAGMA busy_timeout={timeout}")
+
     def near(self, db: sqlite3.Connection, incoming: int) -> bool:
         """Whether ``incoming`` more readings would pass the limit (reads the pages only when the
         estimate since the last reading of them says they may)."""

@@ -368,6 +368,8 @@ class Buffer:
                 with mapped(self.path):
                     self.budget.disk_full(self.db)
             raise
+        if not self.db.in_transaction:  # committed (a nested block leaves that to the outer one)
+            self.budget.hold_wal(self.db)
 
     # ------------------------------------------------------------------ put
 
