@@ -325,7 +325,7 @@ def bench_drain(readings: list[Reading], window: int = 64, timeout_s: float = 60
     bytes and readings per message of the same readings, raw and (with a model) scored."""
     from awscrt import mqtt5
 
-    from gateway.broker import Mosquitto, make_certs
+    from emulator.broker import Mosquitto, make_certs
     from gateway.forwarder import Forwarder
     from gateway.publishers.mqtt import MqttPublisher
 
@@ -434,7 +434,7 @@ def bench_iotcore(readings: list[Reading], window: int = 64, timeout_s: float = 
     """A backlog scored as it was stored (when a model is present), drained by the forwarder as
     a device runs it: raw and scored messages through awscrt's IoT Core flow control
     (``local=False``) to a local mosquitto."""
-    from gateway.broker import Mosquitto, make_certs
+    from emulator.broker import Mosquitto, make_certs
     from gateway.forwarder import Forwarder
     from gateway.publishers.mqtt import MqttPublisher
 
@@ -584,7 +584,7 @@ def bench_gateway(n: int, meters: int = FLEET_METERS, timeout_s: float = 600) ->
 
     import yaml
 
-    from gateway.broker import Mosquitto, make_certs
+    from emulator.broker import Mosquitto, make_certs
     from gateway.buffer import Buffer
     from gateway.model.paths import default_buildings, default_model
 

@@ -290,7 +290,7 @@ def bench(n: int, as_json: bool, no_score: bool, startup_readings: int, iotcore_
 @click.option("--no-model", is_flag=True, help="Forward raw readings only.")
 def demo(workdir: str, no_model: bool) -> None:
     """Run the gateway on the bundled sample against a local mosquitto; show what arrived."""
-    from gateway import demo as d
+    from emulator import demo as d
 
     try:
         summary = d.run(Path(workdir).resolve(), say=click.echo, model=not no_model)

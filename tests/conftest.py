@@ -12,7 +12,7 @@ from typing import Callable
 
 import pytest
 
-from gateway.broker import CertPaths, Mosquitto, make_certs
+from emulator.broker import CertPaths, Mosquitto, make_certs
 from gateway.publishers.mqtt import MqttPublisher, MqttSubscriber
 
 THING = "meter-gw-1"

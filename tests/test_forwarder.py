@@ -10,7 +10,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from gateway.broker import Mosquitto
+from emulator.broker import Mosquitto
 from gateway.buffer import Buffer
 from gateway.errors import NotAuthorizedError, RetryableError, UndeliverableError
 from gateway.forwarder import Backoff, Forwarder

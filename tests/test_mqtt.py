@@ -9,7 +9,7 @@ import pytest
 from awscrt import io, mqtt5
 from awscrt.exceptions import AwsCrtError, from_code
 
-from gateway.broker import Mosquitto, make_certs
+from emulator.broker import Mosquitto, make_certs
 from gateway.errors import ConfigError, NotAuthorizedError, RetryableError, UndeliverableError
 from gateway.publishers import Message, Publisher
 from gateway.publishers.mqtt import (

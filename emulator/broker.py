@@ -152,7 +152,7 @@ class Mosquitto:
     def config(self) -> str:
         c = self.certs
         return "\n".join([
-            "# written by gateway.broker.Mosquitto",
+            "# written by emulator.broker.Mosquitto",
             "per_listener_settings false",
             # Started as root, mosquitto would drop to the `mosquitto` user, which cannot read
             # keys in a private tmp dir. As a non-root user this line has no effect.

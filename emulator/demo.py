@@ -45,7 +45,7 @@ def demo_config(workdir: Path, port: int, certs, *, model: Path | None, weather:
 
 def run(workdir: Path, say: Callable[[str], None] = print, *, model: bool = True) -> dict:
     """Run the demo in ``workdir`` (wiped first); return a summary dict."""
-    from gateway.broker import Mosquitto, make_certs
+    from emulator.broker import Mosquitto, make_certs
     from gateway.config import validate
     from gateway.publishers.mqtt import MqttSubscriber
     from gateway.runner import Gateway
