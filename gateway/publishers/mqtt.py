@@ -221,7 +221,9 @@ class MqttPublisher(_Connection):
 
     Args:
         endpoint: the IoT Core ATS endpoint, or ``localhost`` for a local broker.
-        thing_name: the IoT thing; it is the MQTT client id, as IoT Core policies expect.
+        thing_name: the IoT thing; the MQTT client id unless ``client_id`` is given.
+        client_id: the MQTT client id (None: the thing name, as IoT Core policies expect). Inside
+            Greengrass the nucleus already connects as the thing name, so a component needs another.
         cert, key: the thing's certificate and private key (PEM files).
         ca: the CA to trust for the server (AmazonRootCA1.pem), or None for the system store.
         port: 8883 (direct MQTT over TLS).
@@ -242,13 +244,15 @@ class MqttPublisher(_Connection):
                  min_reconnect_delay: float = 1.0, max_reconnect_delay: float = 120.0,
                  jitter: mqtt5.ExponentialBackoffJitterMode = mqtt5.ExponentialBackoffJitterMode.FULL,
                  keep_alive: int = 300, ack_timeout: float = 60.0, connack_timeout: float = 20.0,
-                 fail_on_disconnect: bool = True):
-        super().__init__(f"mqtt {thing_name}@{endpoint}:{port}")
+                 fail_on_disconnect: bool = True, client_id: str | None = None):
+        client_id = client_id or thing_name
+        super().__init__(f"mqtt {client_id}@{endpoint}:{port}")
         if not 0 < min_reconnect_delay <= max_reconnect_delay:
             raise ValueError(f"reconnect delays must satisfy 0 < min ({min_reconnect_delay}) "
                              f"<= max ({max_reconnect_delay})")
         self.local = local
         self.thing_name = thing_name
+        self.client_id = client_id
         self.endpoint = endpoint
         self.port = port
         self.fail_on_disconnect = fail_on_disconnect
@@ -276,7 +280,7 @@ class MqttPublisher(_Connection):
         try:
             self._client = mqtt5_client_builder.mtls_from_path(
                 endpoint=endpoint, port=port, cert_filepath=os.fspath(cert), pri_key_filepath=os.fspath(key),
-                ca_filepath=os.fspath(ca) if ca is not None else None, client_id=thing_name,
+                ca_filepath=os.fspath(ca) if ca is not None else None, client_id=client_id,
                 keep_alive_interval_sec=keep_alive, client_options=self.client_options,
                 **self._lifecycle_kwargs(),
             )
