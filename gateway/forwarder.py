@@ -11,8 +11,10 @@ buffer only when every one of its messages has its PUBACK.
   ``claim_timeout_s`` while connected is a retryable failure, whatever else completes
   meanwhile. ``claim_timeout_s`` is ``ack_timeout_s`` (which the runner also gives awscrt as its
   operation timeout) plus the time a full window can wait in awscrt's queue under IoT Core's
-  512 KB/s (``window`` × 128 KB / 512 KB/s): the client fails a lost publish first, and the
-  forwarder never sends again what the client still holds.
+  512 KB/s (``window`` × 128 KB / 512 KB/s), plus the publisher's ``delivery_window_s`` when it
+  has one (the IPC publisher's receipt delivery: the time its resends may take, see
+  :mod:`gateway.publishers.ipc`): the client fails a lost publish first, and the forwarder never
+  sends again what the client still holds.
 - A retryable failure (connection lost, a timeout) waits for what is in flight to settle, hands
   the claims back to the buffer, and retries after an exponential backoff with full jitter.
   A completion that arrives after its claim was handed back is ignored: never acknowledged,
@@ -128,8 +130,7 @@ class Forwarder:
         self.window = window
         self.qos = qos
         self.ack_timeout_s = ack_timeout_s
-        # The client's ack timeout, plus what a full window can wait in its queue at 512 KB/s.
-        self.claim_timeout_s = ack_timeout_s + window * MAX_PAYLOAD_BYTES / MAX_BYTES_PER_S
+        self.claim_timeout_s = self.claim_timeout(window)
         self.auth_retry_s = auth_retry_s
         self.basic_ingest_rule = basic_ingest_rule
         self.backoff = backoff or Backoff()
@@ -146,6 +147,13 @@ class Forwarder:
         self.published = 0
         self.failures = 0
         buffer.add_listener(self.wake.set)
+
+    def claim_timeout(self, window: int) -> float:
+        """The per-claim timeout for a window of ``window`` messages: the client's ack timeout, plus
+        what a full window can wait in its queue at 512 KB/s, plus the publisher's own delivery
+        window (receipt delivery over IPC: every resend it may make; 0 for other publishers)."""
+        return (self.ack_timeout_s + window * MAX_PAYLOAD_BYTES / MAX_BYTES_PER_S
+                + float(getattr(self.publisher, "delivery_window_s", 0.0)))
 
     # ------------------------------------------------------------------ the loop
 
