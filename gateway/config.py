@@ -47,13 +47,21 @@ Reference (defaults in brackets)::
         count: null                 # [null] stop after this many ticks
         labels_path: null           # [null] where injected anomalies are recorded (CSV)
     publisher:
-      type: mqtt                    # mqtt or memory
+      type: mqtt                    # mqtt, ipc or memory
       endpoint: localhost           # IoT Core ATS endpoint, or a local broker
       port: 8883                    # [8883]
       cert: certs/gw.crt            # client certificate (CN = thing name)
       key: certs/gw.key
       ca: certs/ca.crt
       local: false                  # [false] true lifts IoT Core's 100 publishes/s and 512 KB/s
+      client_id: null               # [null = the thing name] the MQTT client id; inside Greengrass it
+                                    #   must differ from the thing name (the nucleus connects as the thing)
+    # or, inside a Greengrass component, through the nucleus (gateway.publishers.ipc):
+    # publisher:
+    #   type: ipc
+    #   delivery: handoff           # [handoff] done when the nucleus spools it; or receipt: done when
+    #                               #   the cloud's receipt for its batch arrives on cmd/<app>/<thing>/receipt
+    #   receipt_timeout_s: 60       # [60] receipt delivery: no receipt this long = publish it again
     forwarder:
       batch_size: 100               # [100] readings per message, 1..100
       claim_size: 1000              # [1000] readings claimed from the buffer at once
@@ -94,7 +102,12 @@ from gateway.topics import check_rule_name
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SOURCE_TYPES = ("replay", "simulator")
-PUBLISHER_TYPES = ("mqtt", "memory")
+PUBLISHER_TYPES = ("mqtt", "memory", "ipc")
+DELIVERY_MODES = ("handoff", "receipt")
+#: Environment variables the nucleus sets for every component it runs.
+GREENGRASS_ENV = ("SVCUID", "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT")
+#: IoT Core's longest MQTT client id, in bytes.
+MAX_CLIENT_ID_BYTES = 128
 
 #: The largest config file read, in bytes: a real one is a few KB, and PyYAML reads ~1 MB/s.
 MAX_CONFIG_BYTES = 1 << 20
@@ -302,8 +315,25 @@ def topic_level(what: str) -> Callable[[Any], str | None]:
     return check
 
 
-def validate(raw: Any, base: Path = Path(".")) -> Config:
-    """Check a parsed config and return it with defaults filled in, or raise ConfigErrors."""
+def in_greengrass(environ: Any = None) -> bool:
+    """True when this process runs as a Greengrass component (the nucleus set SVCUID or its IPC
+    socket path): the value to pass as ``validate(..., greengrass=)``."""
+    env = os.environ if environ is None else environ
+    return any(env.get(name) for name in GREENGRASS_ENV)
+
+
+def client_id(v: str) -> str | None:
+    if not v:
+        return "must not be empty"
+    n = len(v.encode("utf-8", "surrogatepass"))
+    return f"is {n} bytes long; IoT Core allows at most {MAX_CLIENT_ID_BYTES}" if n > MAX_CLIENT_ID_BYTES else None
+
+
+def validate(raw: Any, base: Path = Path("."), *, greengrass: bool = False) -> Config:
+    """Check a parsed config and return it with defaults filled in, or raise ConfigErrors.
+
+    ``greengrass=True`` (the caller runs inside Greengrass: :func:`in_greengrass`) adds the rules
+    of that place: an mqtt publisher must not use the thing name as its client id."""
     c = _Checker(base)
     top = c.mapping("", raw, {"thing", "app", "log_level", "buffer", "sources", "publisher", "forwarder",
                               "model", "weather"}, {"thing", "sources", "publisher"})
@@ -389,18 +419,32 @@ def validate(raw: Any, base: Path = Path(".")) -> Config:
     elif kind == "memory":
         c.mapping("publisher", p, {"type"})
         publisher = {"type": "memory"}
+    elif kind == "ipc":
+        p = c.mapping("publisher", p, {"type", "delivery", "receipt_timeout_s"})
+        publisher = {
+            "type": "ipc",
+            "delivery": c.get("publisher", p, "delivery", str, "handoff", check=one_of(*DELIVERY_MODES)),
+            "receipt_timeout_s": c.get("publisher", p, "receipt_timeout_s", (int, float), 60,
+                                       check=positive(MAX_TIMEOUT_S)),
+        }
     elif kind == "mqtt":
-        p = c.mapping("publisher", p, {"type", "endpoint", "port", "cert", "key", "ca", "local"},
+        p = c.mapping("publisher", p, {"type", "endpoint", "port", "cert", "key", "ca", "local", "client_id"},
                       {"endpoint", "cert", "key", "ca"})
         publisher = {
             "type": "mqtt",
             "endpoint": c.get("publisher", p, "endpoint", str, "", check=lambda v: None if v else "must not be empty"),
             "port": c.get("publisher", p, "port", int, 8883, check=between(1, 65535)),
             "local": c.get("publisher", p, "local", bool, False),
+            "client_id": c.get("publisher", p, "client_id", str, None, nullable=True, check=client_id),
         }
         for key in ("cert", "key", "ca"):
             if key in p:
                 publisher[key] = c.path(f"publisher.{key}", c.get("publisher", p, key, str))
+        if greengrass and thing and (publisher["client_id"] or thing) == thing:
+            shown = "" if "client_id" in p and p["client_id"] is not None else " (the default)"
+            c.fail("publisher.client_id", f"{_show(thing)}{shown} is the thing name: inside Greengrass the nucleus "
+                                          f"connects as {thing}; the two would keep disconnecting each other "
+                                          "(use type: ipc, or another client_id)")
 
     f = c.mapping("forwarder", top.get("forwarder"), {"batch_size", "claim_size", "window", "ack_timeout_s",
                                                       "backoff_min_s", "backoff_max_s", "auth_retry_s",
@@ -503,8 +547,8 @@ def _read(path: Path) -> bytes:
     return data
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate a YAML config file."""
+def load(path: str | Path, *, greengrass: bool = False) -> Config:
+    """Read and validate a YAML config file (``greengrass``: see :func:`validate`)."""
     path = Path(path)
     data = _read(path)
     try:
@@ -525,7 +569,7 @@ def load(path: str | Path) -> Config:
         raise ConfigError(where, f"not valid YAML: {problem}") from exc
     if raw is None:
         raise ConfigError(str(path), "the config is empty (it needs at least thing, sources and publisher)")
-    return validate(raw, base=path.resolve().parent)
+    return validate(raw, base=path.resolve().parent, greengrass=greengrass)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -62,15 +62,23 @@ def build_source(spec: dict) -> Source:
 
 
 def build_publisher(config: Config) -> Publisher:
+    """The publisher of ``publisher:`` (the Gateway calls it only when it was given none)."""
     p = config.publisher
     if p["type"] == "memory":
         return MemoryPublisher()
+    if p["type"] == "ipc":
+        from gateway.publishers.ipc import IpcPublisher, receipt_topic
+
+        # None: the publisher creates (and owns) a GreengrassCoreIPCClientV2. Its receipt window
+        # goes into the forwarder's per-claim timeout (see gateway.publishers.ipc).
+        return IpcPublisher(None, config.thing, delivery=p["delivery"], receipt_timeout_s=p["receipt_timeout_s"],
+                            receipt_topic=receipt_topic(config.thing, config.app)).start()
     from gateway.publishers.mqtt import MqttPublisher
 
     # awscrt's operation timeout is the forwarder's ack_timeout_s; the forwarder's own per-claim
     # timeout is longer (see gateway.forwarder), so a lost publish fails in the client first.
     pub = MqttPublisher(p["endpoint"], config.thing, p["cert"], p["key"], p["ca"], port=p["port"], local=p["local"],
-                        ack_timeout=config.forwarder["ack_timeout_s"])
+                        ack_timeout=config.forwarder["ack_timeout_s"], client_id=p.get("client_id"))
     return pub.start()
 
 

@@ -117,7 +117,7 @@ publisher: {{type: mqtt, endpoint: localhost, cert: certs/gw.crt, key: certs/gw.
     assert sim["labels_path"] == base / "out/labels.csv"  # need not exist yet
     assert sim["start_ms"] is None  # now, when the source is built
     assert not (folder / "state").exists() and not (folder / "out").exists()  # checked, not created
-    assert config.publisher == {"type": "mqtt", "endpoint": "localhost", "port": 8883, "local": False,
+    assert config.publisher == {"type": "mqtt", "endpoint": "localhost", "port": 8883, "local": False, "client_id": None,
                                 "cert": base / "certs/gw.crt", "key": base / "certs/gw.key",
                                 "ca": base / "certs/ca.crt"}
 
@@ -157,11 +157,23 @@ CASES = [
     ("missing-required", "app: meters\n",
      ["publisher: is required", "sources: is required", "thing: is required"]),
     ("null-section", MINIMAL.replace("publisher: {type: memory}", "publisher:"),
-     ["publisher.type: is required: one of mqtt, memory"]),
+     ["publisher.type: is required: one of mqtt, memory, ipc"]),
     ("publisher-without-type", MINIMAL.replace("{type: memory}", "{}"),
-     ["publisher.type: is required: one of mqtt, memory"]),
+     ["publisher.type: is required: one of mqtt, memory, ipc"]),
     ("publisher-unknown-type", MINIMAL.replace("{type: memory}", "{type: kafka}"),
-     ["publisher.type: 'kafka' is not one of mqtt, memory"]),
+     ["publisher.type: 'kafka' is not one of mqtt, memory, ipc"]),
+    ("ipc-bad-keys", MINIMAL.replace("{type: memory}", "{type: ipc, delivery: acked, receipt_timeout_s: 0, "
+                                                       "endpoint: x}"),
+     ["publisher.endpoint: unknown key (allowed: delivery, receipt_timeout_s, type)",
+      "publisher.delivery: 'acked' is not one of handoff, receipt", "publisher.receipt_timeout_s: 0 must be > 0"]),
+    ("ipc-receipt-timeout-as-text", MINIMAL.replace("{type: memory}", "{type: ipc, receipt_timeout_s: '60'}"),
+     ["publisher.receipt_timeout_s: '60' must be a number (YAML reads it as text: drop any quotes, and write an "
+      "exponent with its sign: 1.0e+5)"]),
+    ("ipc-receipt-timeout-too-long", MINIMAL.replace("{type: memory}", "{type: ipc, receipt_timeout_s: 86401}"),
+     ["publisher.receipt_timeout_s: 86401 must be <= 86400"]),
+    ("mqtt-client-id", mqtt("client_id: ''"), ["publisher.client_id: '' must not be empty"]),
+    ("mqtt-client-id-too-long", mqtt("client_id: " + "c" * 129),
+     [f"publisher.client_id: '{'c' * 129}' is 129 bytes long; IoT Core allows at most 128"]),
     ("mqtt-missing-keys", MINIMAL.replace("{type: memory}", "{type: mqtt, endpoint: '', port: 70000, cert: c.pem}"),
      ["publisher.ca: is required", "publisher.key: is required", "publisher.endpoint: '' must not be empty",
       "publisher.port: 70000 is out of range 1..65535", "publisher.cert: c.pem does not exist"]),
@@ -684,3 +696,71 @@ def test_the_forwarder_and_model_keys_of_the_fault_paths(tmp_path):
     with pytest.raises(ConfigErrors, match=r"^forwarder\.auth_retry_s: 0 must be > 0\nforwarder\.basic_ingest_rule: "
                                            r"'meters-raw' must be 1 to 128 letters, digits or underscores$"):
         validate({**base, "forwarder": {"basic_ingest_rule": "meters-raw", "auth_retry_s": 0}}, tmp_path)
+
+
+# ---------------------------------------------------------------- the publisher types of Greengrass
+
+
+def test_an_ipc_publisher_fills_its_defaults(folder):
+    config = load(write(folder, MINIMAL.replace("{type: memory}", "{type: ipc}")))
+    assert config.publisher == {"type": "ipc", "delivery": "handoff", "receipt_timeout_s": 60}
+    config = load(write(folder, MINIMAL.replace("{type: memory}", "{type: ipc, delivery: receipt, "
+                                                                 "receipt_timeout_s: 2.5}")))
+    assert config.publisher == {"type": "ipc", "delivery": "receipt", "receipt_timeout_s": 2.5}
+
+
+def test_an_mqtt_client_id_is_kept(folder):
+    assert load(write(folder, mqtt("client_id: gw-test-01-direct"))).publisher["client_id"] == "gw-test-01-direct"
+
+
+@pytest.mark.parametrize(("keys", "shown"), [("", " (the default)"), ("client_id: null", " (the default)"),
+                                             ("client_id: gw-test-01", "")])
+def test_inside_greengrass_an_mqtt_client_id_must_not_be_the_thing_name(folder, keys, shown):
+    text = mqtt(keys) if keys else mqtt("port: 8883")
+    load(write(folder, text))  # outside Greengrass, the thing name is the usual client id
+    with pytest.raises(ConfigErrors, match=exactly(
+            f"publisher.client_id: 'gw-test-01'{shown} is the thing name: inside Greengrass the nucleus connects as "
+            "gw-test-01; the two would keep disconnecting each other (use type: ipc, or another client_id)")):
+        load(write(folder, text), greengrass=True)
+    assert load(write(folder, mqtt("client_id: gw-test-01-direct")), greengrass=True).publisher["client_id"] \
+        == "gw-test-01-direct"
+    assert load(write(folder, MINIMAL.replace("{type: memory}", "{type: ipc}")), greengrass=True).publisher["type"] \
+        == "ipc"
+
+
+@pytest.mark.parametrize(("env", "inside"), [
+    ({}, False), ({"SVCUID": ""}, False), ({"SVCUID": "token"}, True),
+    ({"AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT": "/greengrass/v2/ipc.socket"}, True),
+])
+def test_in_greengrass_reads_what_the_nucleus_sets(env, inside):
+    from gateway.config import in_greengrass
+
+    assert in_greengrass(env) is inside
+
+
+def test_build_publisher_makes_an_ipc_publisher_over_a_real_client_only_inside_greengrass(folder, monkeypatch):
+    from unittest.mock import create_autospec
+
+    from awsiot.greengrasscoreipc import model
+    from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
+
+    from gateway.publishers import ipc
+    from gateway.runner import build_publisher
+
+    config = load(write(folder, MINIMAL.replace("{type: memory}", "{type: ipc, delivery: receipt}")))
+    for name in ("SVCUID", "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match=r"^publisher\.type: ipc needs the Greengrass nucleus"):
+        build_publisher(config)  # the real GreengrassCoreIPCClientV2, with no nucleus to connect to
+    client = create_autospec(GreengrassCoreIPCClientV2, instance=True)
+    client.subscribe_to_iot_core_connection_status.return_value = (
+        model.SubscribeToIoTCoreConnectionStatusResponse(), object())
+    client.subscribe_to_iot_core.return_value = (model.SubscribeToIoTCoreResponse(), object())
+    monkeypatch.setattr(ipc, "_default_connect", lambda: client)
+    pub = build_publisher(config)
+    try:
+        assert isinstance(pub, ipc.IpcPublisher) and (pub.delivery, pub.receipt_timeout_s) == ("receipt", 60)
+        assert client.subscribe_to_iot_core.call_args.kwargs["topic_name"] == "cmd/meters/gw-test-01/receipt"
+    finally:
+        pub.close()
+    client.close.assert_called_once()  # it created the client, so it closes it
