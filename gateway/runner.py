@@ -34,6 +34,7 @@ import logging
 import sqlite3
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from gateway.buffer import Buffer
@@ -42,6 +43,7 @@ from gateway.errors import BufferBusy, BufferFull, DiskFull, RetryableError
 from gateway.forwarder import Backoff, Forwarder
 from gateway.publishers import MemoryPublisher, Publisher
 from gateway.sources import Source
+from gateway.topics import MAX_BYTES_PER_S, MAX_PAYLOAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +84,12 @@ def build_publisher(config: Config) -> Publisher:
     return pub.start()
 
 
-def build_scorer(config: Config, db_path: Any) -> Any:
+def build_scorer(config: Config, db_path: Any, *, weather: Any = None, watch_model: bool = True) -> Any:
     """The buffer's ingest scorer from ``model:`` and ``weather:``, or None when scoring is off.
 
+    ``weather``: a :class:`~gateway.sources.weather.LatestWeather` fed from elsewhere (under
+    Greengrass, from IoT Core messages); ``weather.path``, when configured, seeds it.
+    ``watch_model=False``: the model folder is not polled (announcements swap the model).
     A model that fails its checks raises ModelError: the gateway does not start with it."""
     m = config.model
     if not m or not m.get("enabled", True):
@@ -93,16 +98,52 @@ def build_scorer(config: Config, db_path: Any) -> Any:
     from gateway.model.online import MeterStats
     from gateway.model.scoring import ModelHolder, ReadingScorer
 
-    holder = ModelHolder(m["path"], threads=m["threads"])
-    weather, max_age = None, 3 * 3600 * 1000
+    holder = ModelHolder(m["path"], threads=m["threads"], check_every_s=2.0 if watch_model else None)
+    max_age = 3 * 3600 * 1000
     if config.weather:
         from gateway.sources.weather import WeatherReplay
 
-        weather = WeatherReplay(config.weather["path"]).table(retain_ms=None)
+        replay = WeatherReplay(config.weather["path"])
+        if weather is None:
+            weather = replay.table(retain_ms=None)
+        else:
+            weather.update(replay.messages)
         max_age = config.weather["max_age_ms"]
     return ReadingScorer(holder, Buildings.from_csv(m["buildings"]), stats=MeterStats(threshold=m["threshold"]),
                          save_every_s=m.get("save_every_s", 600),
                          weather=weather, weather_max_age_ms=max_age, db_path=db_path)
+
+
+#: The settings a running gateway takes without a restart (:meth:`Gateway.apply_live`); a change
+#: to any other key of :func:`settings` needs a new Gateway.
+LIVE_KEYS = frozenset({
+    "log_level", "forwarder.batch_size", "forwarder.claim_size", "forwarder.window",
+    "forwarder.backoff_min_s", "forwarder.backoff_max_s", "forwarder.auth_retry_s", "forwarder.basic_ingest_rule",
+    "model.path", "model.threshold", "model.save_every_s", "weather.max_age_ms",
+})
+
+
+def settings(config: Config) -> dict[str, Any]:
+    """A config as flat key paths (``forwarder.window``); ``sources`` is one value, and a section
+    that is absent is one None."""
+    out: dict[str, Any] = {"thing": config.thing, "app": config.app, "log_level": config.log_level,
+                           "sources": config.sources}
+    for name in ("buffer", "publisher", "forwarder", "model", "weather"):
+        section = getattr(config, name)
+        if section is None:
+            out[name] = None
+        else:
+            out.update({f"{name}.{k}": v for k, v in section.items()})
+    return out
+
+
+def changed(old: Config, new: Config) -> set[str]:
+    """The key paths of :func:`settings` whose values differ."""
+    a, b = settings(old), settings(new)
+    return {k for k in a.keys() | b.keys() if a.get(k, _MISSING) != b.get(k, _MISSING)}
+
+
+_MISSING = object()
 
 
 TRANSIENT: tuple[type[BaseException], ...] = (
@@ -238,7 +279,8 @@ class Gateway:
     def __init__(self, config: Config, *, publisher: Publisher | None = None,
                  sources: list[Source] | None = None, scorer: Any = None,
                  dead_after_s: float = 300.0, stage_backoff: Callable[[], Backoff] | None = None,
-                 auth_retry_s: float | None = None, basic_ingest_rule: str | None = None):
+                 auth_retry_s: float | None = None, basic_ingest_rule: str | None = None,
+                 weather: Any = None, watch_model: bool = True):
         self.config = config
         b = config.buffer
         self.buffer = Buffer(b["path"], budget_bytes=b["budget_bytes"], policy=b["policy"],
@@ -246,7 +288,7 @@ class Gateway:
         self.sources = sources if sources is not None else [build_source(s) for s in config.sources]
         if scorer is None:
             try:
-                scorer = build_scorer(config, b["path"])
+                scorer = build_scorer(config, b["path"], weather=weather, watch_model=watch_model)
             except Exception:
                 self.buffer.close()
                 raise
@@ -268,6 +310,7 @@ class Gateway:
         self._stages: list[Stage] = []
         self._source_threads: list[threading.Thread] = []
         self._forwarder_thread: threading.Thread | None = None
+        self._held = False
 
     # ------------------------------------------------------------------ threads
 
@@ -355,6 +398,46 @@ class Gateway:
         if self.scorer is not None and hasattr(self.scorer, "close"):
             self.scorer.close()
         self.buffer.close()
+
+    # ------------------------------------------------------------------ live control
+
+    def apply_live(self, config: Config) -> list[str]:
+        """Take the :data:`LIVE_KEYS` of ``config`` that changed; return them, sorted. The caller
+        checks first that nothing else changed (:func:`changed`): the rest needs a new Gateway."""
+        keys = sorted(changed(self.config, config) & LIVE_KEYS)
+        f, fwd = config.forwarder, self.forwarder
+        logging.getLogger().setLevel(config.log_level)
+        fwd.batch_size, fwd.claim_size = f["batch_size"], f["claim_size"]
+        fwd.auth_retry_s, fwd.basic_ingest_rule = f["auth_retry_s"], f.get("basic_ingest_rule")
+        fwd.backoff.base_s, fwd.backoff.cap_s = f["backoff_min_s"], f["backoff_max_s"]
+        self.config = config
+        self.hold(self._held)  # the window, unless claims are held
+        scorer = self.scorer
+        if scorer is not None and config.model:
+            scorer.stats.threshold = config.model["threshold"]
+            scorer.save_every_s = config.model["save_every_s"]
+            if config.weather:
+                scorer.weather_max_age_ms = config.weather["max_age_ms"]
+            if "model.path" in keys and Path(config.model["path"]) != scorer.holder.path:
+                scorer.holder.swap(config.model["path"])
+        return keys
+
+    def hold(self, on: bool = True) -> None:
+        """Stop claiming new work (``on``) or claim again; what is in flight settles meanwhile."""
+        self._held = on
+        fwd = self.forwarder
+        window = self.config.forwarder["window"]
+        fwd.window = 0 if on else window
+        fwd.claim_timeout_s = fwd.ack_timeout_s + window * MAX_PAYLOAD_BYTES / MAX_BYTES_PER_S
+
+    def in_flight(self) -> int:
+        """Messages published and not yet acknowledged (read from another thread)."""
+        for _ in range(10):
+            try:
+                return self.forwarder.messages_in_flight
+            except RuntimeError:  # the forwarder thread changed its table mid-count
+                continue
+        return self.forwarder.messages_in_flight
 
     def status(self) -> dict:
         st = {**self.buffer.status(), "forwarder": self.forwarder.status(), "stages": self.health.snapshot()}

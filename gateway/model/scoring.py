@@ -62,7 +62,7 @@ def model_stamp(path: Path) -> tuple:
 class ModelHolder:
     """The model in use; :meth:`swap` or :meth:`maybe_reload` replace it only with a verified one."""
 
-    def __init__(self, path: str | Path, *, threads: int = 1, check_every_s: float = 2.0,
+    def __init__(self, path: str | Path, *, threads: int = 1, check_every_s: float | None = 2.0,
                  clock: Callable[[], float] = time.monotonic, loader: Callable[..., Scorer] = Scorer):
         self.threads = threads
         self.check_every_s = check_every_s
@@ -71,7 +71,7 @@ class ModelHolder:
         self.path = Path(path)
         self.current: Scorer = loader(self.path, intra_op_threads=threads)  # a bad first model: raise
         self._stamp = model_stamp(self.path)
-        self._next_check = clock() + check_every_s
+        self._next_check = clock() + (check_every_s or 0.0)
         self._lock = threading.Lock()
         self.swaps = 0
         self.last_error: str | None = None
@@ -103,7 +103,12 @@ class ModelHolder:
             return True
 
     def maybe_reload(self) -> bool:
-        """Swap when the folder's content changed (a model component deployed over it)."""
+        """Swap when the folder's content changed (a model component deployed over it).
+
+        With ``check_every_s=None`` the folder is not watched: under Greengrass every model
+        version lives at a new path, and announcements drive :meth:`swap` instead."""
+        if self.check_every_s is None:
+            return False
         now = self.clock()
         if now < self._next_check:
             return False

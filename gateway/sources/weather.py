@@ -8,6 +8,12 @@ A weather message is one site's hour (the format of ``data/sample/weather.json``
 
 ``timestamp`` is UTC epoch milliseconds; a missing or null field is NaN.
 
+**From IoT Core** (under Greengrass): the same messages arrive on ``dt/weather/<site>/observations``,
+one object or a JSON array of them per MQTT message, UTF-8, at most 128 KB.
+:func:`parse_observations` checks them: ``site_id`` may be left out (the topic's ``<site>`` is
+used) but, when given, must equal the topic's site; each unusable message is rejected with its
+reason, and the others of the same payload are kept.
+
 :class:`LatestWeather` keeps each site's recent messages as sorted numpy arrays and answers, for
 many readings at once, "the site's latest weather at or before this time", NaN when there is none
 or it is older than ``max_age_ms``. Its output feeds :func:`gateway.model.features`' ``weather``
@@ -23,7 +29,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-__all__ = ["WEATHER_FIELDS", "WeatherReplay", "LatestWeather", "DEFAULT_MAX_AGE_MS"]
+__all__ = ["WEATHER_FIELDS", "WeatherReplay", "LatestWeather", "DEFAULT_MAX_AGE_MS", "parse_observations"]
 
 #: The weather fields of a message, in the feed's order. The one list of them: the ASHRAE readings'
 #: weather columns (:mod:`gateway.ashrae`) and the model's weather features are these.
@@ -125,6 +131,45 @@ def parse_message(msg: Any) -> dict[str, Any] | str:
     for field in WEATHER_FIELDS:
         out[field] = _float(msg.get(field))
     return out
+
+
+#: The largest weather payload read from IoT Core, in bytes (IoT Core's own limit).
+MAX_OBSERVATIONS_BYTES = 128 * 1024
+
+
+def parse_observations(topic: str, payload: bytes | str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The usable weather messages of one MQTT message on ``dt/weather/<site>/observations``,
+    and the reason for each one refused (a payload refused as a whole gives no messages and one
+    reason)."""
+    import json
+
+    parts = topic.split("/") if isinstance(topic, str) else []
+    if len(parts) != 4 or parts[0] != "dt" or parts[1] != "weather" or parts[3] != "observations" or not parts[2]:
+        return [], [f"topic {topic!r} is not dt/weather/<site>/observations"]
+    site = parts[2]
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8")
+    if len(payload) > MAX_OBSERVATIONS_BYTES:
+        return [], [f"payload: {len(payload):,} bytes is more than {MAX_OBSERVATIONS_BYTES:,}"]
+    try:
+        data = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return [], [f"payload: not JSON: {exc}"]
+    items = data if isinstance(data, list) else [data]
+    good: list[dict[str, Any]] = []
+    bad: list[str] = []
+    for i, msg in enumerate(items):
+        where = f"[{i}] " if isinstance(data, list) else ""
+        if isinstance(msg, dict) and msg.get("site_id") is None:
+            msg = {**msg, "site_id": site}
+        parsed = parse_message(msg)
+        if isinstance(parsed, str):
+            bad.append(where + parsed)
+        elif parsed["site_id"] != site:
+            bad.append(f"{where}site_id: {parsed['site_id']!r} is not the topic's site {site!r}")
+        else:
+            good.append(parsed)
+    return good, bad
 
 
 def _float(v: Any) -> float:
