@@ -451,3 +451,11 @@ def test_close_closes_its_streams_not_an_injected_client(nucleus):
     with pytest.raises(RetryableError, match="publisher closed"):
         fut.result(timeout=1)
     assert not pub.connected
+
+
+def test_in_receipt_mode_a_message_without_a_batch_id_is_done_on_handoff(nucleus, opened):
+    pub = opened(nucleus.client, THING, delivery="receipt")
+    nucleus.status("CONNECTED")
+    fut = pub.publish(f"dt/meters/gateway/{THING}/health", b'{"state":"running"}')
+    nucleus.accept()
+    assert fut.result(timeout=1) is None and pub.status()["awaiting_receipt"] == 0

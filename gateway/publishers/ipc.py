@@ -23,7 +23,9 @@ Disk Spooler, from disk.
   on ``receipt_topic`` (``cmd/meters/<thing>/receipt``; a cloud rule republishes the ``batch``
   of every raw and scored message there, ``{"batch": "<16 hex>", "topic": "<topic>"}``). The
   batch id is the ``"batch"`` field at the start of every payload (:mod:`gateway.messages`);
-  it identifies the readings, so a receipt resolves every pending message carrying it. A
+  it identifies the readings, so a receipt resolves every pending message carrying it (a
+  message without one, such as the health report, is done on handoff: receipts exist for
+  readings only). A
   message without a receipt ``receipt_timeout_s`` after the nucleus accepted it is published
   again, the very same bytes (``resends`` counts them; the cloud drops duplicates by key);
   after ``resend_limit`` resends the future fails with RetryableError and the forwarder sends
@@ -341,13 +343,8 @@ class IpcPublisher:
             fut.set_exception(UndeliverableError(problem))
             return fut
         payload = bytes(payload)
-        batch = ""
-        if self.delivery == "receipt":
-            batch = batch_of(payload) or ""
-            if not batch:
-                fut.set_exception(UndeliverableError(
-                    f"message to {topic!r} has no batch id at its start: receipt delivery needs one"))
-                return fut
+        # receipt delivery for messages with a batch id (readings); the rest (health) on handoff
+        batch = (batch_of(payload) or "") if self.delivery == "receipt" else ""
         entry = _Pending(topic, payload, qos, batch, fut)
         with self._lock:
             if self._closed:
@@ -357,7 +354,7 @@ class IpcPublisher:
                 fut.set_exception(RetryableError(f"publish to {topic!r} failed: the IPC connection to the "
                                                  "nucleus is closed"))
                 return fut
-            if self.delivery == "receipt":
+            if batch:
                 self._pending.setdefault(batch, []).append(entry)
             entry.sends = 1
             client = self._client
@@ -384,7 +381,7 @@ class IpcPublisher:
         with self._wake:
             self.accepted += 1
             self._warned.discard("spool")
-            if self.delivery == "receipt":
+            if entry.batch:
                 if not entry.future.done() and not entry.accepted:
                     entry.accepted = True
                     entry.deadline = self.clock() + self.receipt_timeout_s
@@ -399,7 +396,7 @@ class IpcPublisher:
         if isinstance(err, RetryableError) and isinstance(exc, model.ServiceError):
             self._note_spool(exc)
         with self._lock:
-            if self.delivery == "receipt" and entry.sends > 1 and isinstance(err, RetryableError) \
+            if entry.batch and entry.sends > 1 and isinstance(err, RetryableError) \
                     and not entry.future.done():
                 # a resend refused for now (a full spool): the next timeout tries again
                 entry.deadline = self.clock() + self.receipt_timeout_s
