@@ -440,10 +440,16 @@ def validate(raw: Any, base: Path = Path("."), *, greengrass: bool = False) -> C
         for key in ("cert", "key", "ca"):
             if key in p:
                 publisher[key] = c.path(f"publisher.{key}", c.get("publisher", p, key, str))
-        if greengrass and thing and (publisher["client_id"] or thing) == thing:
+        cid = publisher["client_id"] or thing
+        if greengrass and thing and cid == thing:
             shown = "" if "client_id" in p and p["client_id"] is not None else " (the default)"
             c.fail("publisher.client_id", f"{_show(thing)}{shown} is the thing name: inside Greengrass the nucleus "
                                           f"connects as {thing}; the two would keep disconnecting each other "
+                                          "(use type: ipc, or another client_id)")
+        elif greengrass and thing and cid.startswith(thing + "#") and cid[len(thing) + 1:].isdigit():
+            # the nucleus opens more connections as it needs them, as <thing>#2, <thing>#3, ...
+            c.fail("publisher.client_id", f"{_show(cid)} is a client id the nucleus uses for its extra connections "
+                                          f"({thing}#<n>); the two would keep disconnecting each other "
                                           "(use type: ipc, or another client_id)")
 
     f = c.mapping("forwarder", top.get("forwarder"), {"batch_size", "claim_size", "window", "ack_timeout_s",

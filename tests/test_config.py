@@ -724,6 +724,10 @@ def test_inside_greengrass_an_mqtt_client_id_must_not_be_the_thing_name(folder, 
         load(write(folder, text), greengrass=True)
     assert load(write(folder, mqtt("client_id: gw-test-01-direct")), greengrass=True).publisher["client_id"] \
         == "gw-test-01-direct"
+    with pytest.raises(ConfigErrors, match=exactly(
+            "publisher.client_id: 'gw-test-01#2' is a client id the nucleus uses for its extra connections "
+            "(gw-test-01#<n>); the two would keep disconnecting each other (use type: ipc, or another client_id)")):
+        load(write(folder, mqtt("client_id: 'gw-test-01#2'")), greengrass=True)
     assert load(write(folder, MINIMAL.replace("{type: memory}", "{type: ipc}")), greengrass=True).publisher["type"] \
         == "ipc"
 
