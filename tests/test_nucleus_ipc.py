@@ -19,7 +19,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from awsiot.eventstreamrpc import AccessDeniedError, StreamClosedError
+from awsiot.eventstreamrpc import AccessDeniedError
 from awsiot.greengrasscoreipc import model
 from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
 
