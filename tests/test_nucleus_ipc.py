@@ -27,7 +27,7 @@ from emulator.nucleus import accesscontrol, eventstream
 from emulator.nucleus.eventstream import Decoder, FrameError, Header, HeaderType, decode, encode
 from emulator.nucleus.ipc import IPCServer
 from emulator.nucleus.localcli import ComponentInfo, DeploymentInfo
-from emulator.nucleus.mqttproxy import MemoryIoTCore, MqttMessage
+from emulator.nucleus.mqttproxy import MemoryIoTCore
 
 GATEWAY = "org.metergateway.Gateway"
 MODEL = "org.metergateway.Model"
@@ -387,7 +387,7 @@ def test_subscribe_to_iot_core_streams_until_closed(connect, bridge):
                                             on_stream_event=got.put)
     assert isinstance(resp, model.SubscribeToIoTCoreResponse)
     assert bridge.subscriptions() == [f"cmd/meters/{THING}/receipt"]
-    assert bridge.deliver(MqttMessage(f"cmd/meters/{THING}/receipt", b'{"batch": "ab"}')) == 1
+    assert bridge.deliver(f"cmd/meters/{THING}/receipt", b'{"batch": "ab"}') == 1
     event = got.get(timeout=WAIT)
     assert (event.message.topic_name, event.message.payload) == (f"cmd/meters/{THING}/receipt", b'{"batch": "ab"}')
     op.close().result(WAIT)

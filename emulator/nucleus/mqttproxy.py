@@ -4,15 +4,17 @@ The IPC server never speaks MQTT itself; it calls an :class:`IoTCoreBridge` (the
 its spooler, lives in :mod:`emulator.nucleus.iotcore`; :class:`MemoryIoTCore` is its in-memory
 twin for tests and benchmarks). The seam:
 
-``publish(message: MqttMessage, qos: int) -> None``
+``publish(topic, payload, qos, *, retain, user_properties, message_expiry_interval_sec,
+correlation_data, response_topic, payload_format, content_type) -> None``
     Accept one message for IoT Core (spool it) and return at once, on the IPC server's loop
     thread: it must not wait for the network. Raise any exception when it cannot be accepted
     (the spool is full, the message is too large): the component gets ``ServiceError``
     "Publish to topic <t> failed: <the exception's message>", as from the nucleus.
-``subscribe(topic_filter: str, qos: int, callback: Callable[[MqttMessage], None]) -> Callable[[], None]``
+``subscribe(topic_filter: str, qos: int, callback: Callable[[str, bytes], None]) -> Callable[[], None]``
     Subscribe (it may block until the SUBACK: it runs in the server's thread pool) and return a
     function that unsubscribes. Raise on a refused subscription (ServiceError "Subscribe to
-    topic <f> failed with error <message>"). ``callback`` may be called from any thread.
+    topic <f> failed with error <message>"). ``callback(topic, payload)`` may be called from any
+    thread.
 ``add_status_listener(callback: Callable[[bool], None]) -> Callable[[], None]``
     Call ``callback(True)`` when the connection to IoT Core comes up, ``callback(False)`` when it
     goes down; returns a function that removes the listener.
@@ -57,10 +59,10 @@ class MqttMessage:
 class IoTCoreBridge(Protocol):
     connected: bool
 
-    def publish(self, message: MqttMessage, qos: int) -> None: ...
+    def publish(self, topic: str, payload: bytes, qos: int, **properties) -> None: ...
 
     def subscribe(self, topic_filter: str, qos: int,
-                  callback: Callable[[MqttMessage], None]) -> Callable[[], None]: ...
+                  callback: Callable[[str, bytes], None]) -> Callable[[], None]: ...
 
     def add_status_listener(self, callback: Callable[[bool], None]) -> Callable[[], None]: ...
 
@@ -68,7 +70,8 @@ class IoTCoreBridge(Protocol):
 class MemoryIoTCore:
     """The in-memory twin of the IoT Core bridge: keeps what was published, delivers on demand.
 
-    ``published`` holds ``(message, qos)``; ``deliver(message)`` plays a message from the cloud to
+    ``published`` holds ``(MqttMessage, qos)``; ``deliver(topic, payload)`` plays a message from
+    the cloud to
     the matching subscriptions; ``set_connected(flag)`` tells the status listeners;
     ``full = True`` refuses publishes as a full spool would; ``keep = False`` keeps nothing
     (a no-op bridge, for benchmarks).
@@ -80,13 +83,19 @@ class MemoryIoTCore:
         self.full = False
         self.published: list[tuple[MqttMessage, int]] = []
         self.count = 0
-        self._subs: dict[int, tuple[str, Callable[[MqttMessage], None]]] = {}
+        self._subs: dict[int, tuple[str, Callable[[str, bytes], None]]] = {}
         self._listeners: dict[int, Callable[[bool], None]] = {}
         self._next = 0
         self._lock = threading.Lock()
         self.published_event = threading.Condition(self._lock)
 
-    def publish(self, message: MqttMessage, qos: int) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int, *, retain: bool = False,
+                user_properties: list[tuple[str, str]] | None = None,
+                message_expiry_interval_sec: int | None = None, correlation_data: bytes | None = None,
+                response_topic: str | None = None, payload_format: str | None = None,
+                content_type: str | None = None) -> None:
+        message = MqttMessage(topic, payload, retain, list(user_properties or ()), message_expiry_interval_sec,
+                              correlation_data, response_topic, payload_format, content_type)
         if self.full:
             raise RuntimeError("spool is full")
         with self._lock:
@@ -95,7 +104,7 @@ class MemoryIoTCore:
                 self.published.append((message, qos))
             self.published_event.notify_all()
 
-    def subscribe(self, topic_filter: str, qos: int, callback: Callable[[MqttMessage], None]) -> Callable[[], None]:
+    def subscribe(self, topic_filter: str, qos: int, callback: Callable[[str, bytes], None]) -> Callable[[], None]:
         with self._lock:
             self._next += 1
             key = self._next
@@ -106,12 +115,12 @@ class MemoryIoTCore:
         with self._lock:
             return [f for f, _ in self._subs.values()]
 
-    def deliver(self, message: MqttMessage) -> int:
+    def deliver(self, topic: str, payload: bytes) -> int:
         """Deliver to every matching subscription; the number of callbacks called."""
         with self._lock:
-            targets = [cb for f, cb in self._subs.values() if topic_matches(f, message.topic)]
+            targets = [cb for f, cb in self._subs.values() if topic_matches(f, topic)]
         for cb in targets:
-            cb(message)
+            cb(topic, payload)
         return len(targets)
 
     def add_status_listener(self, callback: Callable[[bool], None]) -> Callable[[], None]:
@@ -143,13 +152,9 @@ def _topic(value: str | None) -> str:
     return value
 
 
-def _to_model(m: MqttMessage) -> model.IoTCoreMessage:
+def _to_model(topic: str, payload: bytes) -> model.IoTCoreMessage:
     return model.IoTCoreMessage(message=model.MQTTMessage(
-        topic_name=m.topic, payload=m.payload, retain=m.retain,
-        user_properties=[model.UserProperty(key=k, value=v) for k, v in m.user_properties] or None,
-        message_expiry_interval_seconds=m.message_expiry_interval_seconds,
-        correlation_data=m.correlation_data, response_topic=m.response_topic,
-        payload_format=m.payload_format or model.PayloadFormat.BYTES, content_type=m.content_type))
+        topic_name=topic, payload=payload, retain=False, payload_format=model.PayloadFormat.BYTES))
 
 
 class MqttProxy:
@@ -173,13 +178,13 @@ class MqttProxy:
         if r.payload is None:
             raise model.InvalidArgumentsError(message="Payload is required")
         qos = _qos(r.qos)
-        message = MqttMessage(
-            topic, r.payload, bool(r.retain),
-            [(p.key, p.value) for p in r.user_properties or ()],
-            r.message_expiry_interval_seconds, r.correlation_data, r.response_topic,
-            r.payload_format, r.content_type)
         try:
-            self.bridge.publish(message, qos)
+            self.bridge.publish(
+                topic, r.payload, qos, retain=bool(r.retain),
+                user_properties=[(p.key, p.value) for p in r.user_properties or ()] or None,
+                message_expiry_interval_sec=r.message_expiry_interval_seconds,
+                correlation_data=r.correlation_data, response_topic=r.response_topic,
+                payload_format=r.payload_format, content_type=r.content_type)
         except model.GreengrassCoreIPCError:
             raise
         except Exception as exc:
@@ -194,7 +199,7 @@ class MqttProxy:
         stream = call.stream
         assert stream is not None
         try:
-            unsubscribe = self.bridge.subscribe(topic, qos, lambda m: stream.send_event(_to_model(m)))
+            unsubscribe = self.bridge.subscribe(topic, qos, lambda t, p: stream.send_event(_to_model(t, p)))
         except model.GreengrassCoreIPCError:
             raise
         except Exception as exc:
