@@ -414,5 +414,22 @@ def model_check(model_dir: str) -> None:
     click.echo(f"{model_dir}: ok, version {s.version}")
 
 
+@main.command()
+@click.option("--component", type=click.Choice(["gateway", "model"]), default="gateway", show_default=True,
+              help="Which component to build.")
+@click.option("--platform", help="The device's pip platform tag, e.g. manylinux2014_aarch64 (default: this machine).")
+@click.option("--python-version", help="The device's Python, e.g. 3.11 (default: this one).")
+@click.option("--version", "version", help="The component version (default: gdk-config.json's, e.g. NEXT_PATCH).")
+def build(component: str, platform: str | None, python_version: str | None, version: str | None) -> None:
+    """Build a component's greengrass-build/ folder, as `gdk component build` does."""
+    from release.build import BuildError, build as build_component
+
+    try:
+        built = build_component(component, platform=platform, python_version=python_version, version=version)
+    except BuildError as exc:
+        _fail(GatewayError(str(exc)))
+    click.echo(f"built {built.component} {built.version}")
+
+
 if __name__ == "__main__":
     main()
