@@ -71,8 +71,7 @@ class MemoryIoTCore:
     """The in-memory twin of the IoT Core bridge: keeps what was published, delivers on demand.
 
     ``published`` holds ``(MqttMessage, qos)``; ``deliver(topic, payload)`` plays a message from
-    the cloud to
-    the matching subscriptions; ``set_connected(flag)`` tells the status listeners;
+    the cloud to the matching subscriptions; ``set_connected(flag)`` tells the status listeners;
     ``full = True`` refuses publishes as a full spool would; ``keep = False`` keeps nothing
     (a no-op bridge, for benchmarks).
     """
