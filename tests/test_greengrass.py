@@ -11,7 +11,6 @@ import logging
 import shutil
 import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
 from unittest import mock
 
@@ -366,13 +365,16 @@ def test_an_update_is_deferred_while_messages_are_in_flight_then_let_go(running)
 
 
 def test_nothing_in_flight_lets_the_update_go_at_once(running):
-    r = running()
+    r = running(hold_s=0.2)
     gw = r.agent.gateway
     assert wait_until(lambda: gw.idle())
     done = r.agent.actions_done
     r.nucleus.handlers["subscribe_to_component_updates"](component_update(pre=True))
     assert r.agent.wait_for(lambda: r.agent.actions_done > done)
     r.nucleus.ipc.defer_component_update.assert_not_called()
+    assert r.agent.health()["state"] == "held"
+    # no PostComponentUpdateEvent and no SIGTERM (the deployment went elsewhere): claims resume
+    assert wait_until(lambda: gw.forwarder.window == 64 and r.agent.health()["state"] == "running")
     assert r.stop() == 0  # SIGTERM from the nucleus: a clean stop
 
 
@@ -470,6 +472,11 @@ def test_announced_models_are_swapped_live_and_a_broken_one_is_refused(running, 
     r.nucleus.announce({"component": "someone.Else", "version": "1", "model": "m", "path": str(v1)})
     assert holder.version == "test-v2"  # not ours: ignored
 
+    r.nucleus.update(model__threshold=5.0)  # live
+    assert r.agent.wait_for(lambda: len(r.agent.updates) == 1)
+    assert r.agent.updates[0]["restart"] == [] and "model.threshold" in r.agent.updates[0]["live"]
+    assert r.agent.gateway is gw and gw.scorer.stats.threshold == 5.0 and holder.version == "test-v2"
+
     # a restart keeps the model in use, not the refused one, nor the config's
     r.nucleus.update(buffer__live_window_s=600)
     assert r.agent.wait_for(lambda: r.agent.restarts == 1)
@@ -482,8 +489,8 @@ def test_no_announcement_in_time_is_an_error_that_names_it(tmp_path, caplog):
     agent = GreengrassAgent(nucleus.ipc, publisher_factory=Publishers(), work_dir=tmp_path, env=ENV)
     with caplog.at_level(logging.ERROR):
         assert agent.run() == 1
-    assert (f"model.path: is not set, and org.metergateway.Model announced no model on "
-            f"metergateway/model/announce within 0.05 s") in caplog.text
+    assert ("model.path: is not set, and org.metergateway.Model announced no model on "
+            "metergateway/model/announce within 0.05 s") in caplog.text
     assert nucleus.states() == ["ERRORED"]
 
 
@@ -509,3 +516,40 @@ def test_component_entry_points_do_nothing_at_import(component):
     client.assert_not_called()
     assert callable(module.main)
     assert len(path.read_text().splitlines()) <= 30
+
+
+def test_publisher_type_ipc_publishes_through_the_agents_own_client(tmp_path):
+    from concurrent.futures import Future
+
+    from awsiot.greengrasscoreipc.model import ConnectionStatus, ConnectionStatusEvent, IoTCoreConnectionStatusEvent
+
+    from gateway.publishers.ipc import IpcPublisher
+    from gateway.greengrass import ipc_publisher
+
+    def accepted(**kwargs):
+        fut = Future()
+        fut.set_result(None)
+        return fut
+
+    nucleus = Nucleus(component_config(publisher={"type": "ipc"}))
+    def status_stream(**kwargs):  # IoT Core is connected, as the nucleus says at once
+        kwargs["on_stream_event"](IoTCoreConnectionStatusEvent(
+            connection_status_event=ConnectionStatusEvent(status=ConnectionStatus.CONNECTED)))
+        return mock.Mock(), mock.Mock()
+
+    nucleus.ipc.subscribe_to_iot_core_connection_status.side_effect = status_stream
+    nucleus.ipc.publish_to_iot_core_async.side_effect = accepted
+    agent = GreengrassAgent(nucleus.ipc, work_dir=tmp_path, env=ENV)
+    assert agent.publisher_factory.__qualname__ == ipc_publisher(nucleus.ipc).__qualname__
+    t = threading.Thread(target=agent.run)
+    t.start()
+    try:
+        assert wait_until(lambda: agent.running.is_set())
+        assert isinstance(agent.gateway.publisher, IpcPublisher)
+        assert wait_until(lambda: agent.gateway.idle())
+        topics = {c.kwargs["topic_name"] for c in nucleus.ipc.publish_to_iot_core_async.call_args_list}
+        assert HEALTH in topics and any(t.endswith(f"/{THING}/raw") for t in topics)
+    finally:
+        agent.stop()
+        t.join(30)
+    assert nucleus.states() == ["RUNNING"]
