@@ -222,3 +222,32 @@ def test_bad_settings_name_the_nucleus_key(make_bridge):
     bridge = make_bridge(free_port(), connect=False)
     with pytest.raises(SubscribeFailed, match=r"^Subscribe to topic 'a/#/b' failed: "):
         bridge.subscribe("a/#/b", 1, print)
+
+
+def test_mqtt5_properties_are_spooled_with_the_message(tmp_path):
+    config = SpoolConfig(storage_type="Disk", path=tmp_path / "spool.db")
+    props = {"retain": True, "user_properties": [["k", "v"]], "correlation_data": b"\x00\xff",
+             "payload_format": "UTF8", "content_type": "application/json"}
+    spool = Spool(config)
+    spool.add("dt/x", b"{}", 1, props)
+    spool.close()
+    again = Spool(config).pop()
+    assert (again.topic, again.payload, again.properties) == ("dt/x", b"{}", props)
+
+
+def test_the_mqttproxy_seam_carries_messages_with_their_properties(make_bridge, broker):
+    from emulator.nucleus.iotcore import MqttProxyBridge
+    from emulator.nucleus.mqttproxy import MqttMessage
+
+    seam = MqttProxyBridge(make_bridge(broker.port))
+    assert seam.connected
+    got = Recorder()
+    seam.subscribe("dt/loop/#", 1, got)
+    assert seam.bridge.wait_subscribed(WAIT)
+    seam.publish(MqttMessage("dt/loop/a", b"hi", user_properties=[("k", "v")], correlation_data=b"\x01",
+                             payload_format="UTF8", content_type="text/plain"), 1)
+    assert got.wait_for(lambda items: [(m.topic, m.payload) for m in items] == [("dt/loop/a", b"hi")])
+    assert isinstance(got.items[0], MqttMessage)
+    with pytest.raises(SubscribeFailed, match=r"^'a/#/b' is not a valid topic filter: # must be a whole level"):
+        seam.subscribe("a/#/b", 1, got)
+    assert seam.bridge.subscriptions() == {"dt/loop/#": 1}

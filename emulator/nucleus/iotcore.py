@@ -16,7 +16,10 @@ Interface (what the IPC server calls)
 ``IotCoreBridge(endpoint, port, thing_name, cert, key, ca, *, spool=SpoolConfig(), clock=time.monotonic,
 **tuning)``; ``start() -> self``; ``close()``.
 
-``publish(topic, payload, qos) -> None`` returns when the message is *spooled*, not when it is
+``publish(topic, payload, qos, *, retain, user_properties, message_expiry_interval_sec,
+correlation_data, response_topic, payload_format, content_type) -> None`` (the keywords are the
+MQTT 5 properties PublishToIoTCore carries; they are spooled and sent with the message) returns
+when the message is *spooled*, not when it is
 acknowledged, as the nucleus's ``MqttClient.publish`` does. It raises :class:`SpoolFull` (or a
 subclass) with the nucleus's own text, which the IPC server answers as ServiceError
 ``Publish to topic <topic> failed: <text>``:
@@ -39,6 +42,9 @@ and the broker learns it at the next connection. Calling the returned function u
 :attr:`connected` (True after a CONNACK, False when the connection goes), on the dispatch thread
 in order with the messages; the IPC server turns them into SubscribeToIoTCoreConnectionStatus
 events.
+
+``MqttProxyBridge(bridge)`` puts it behind the seam of :mod:`emulator.nucleus.mqttproxy`
+(``publish(MqttMessage, qos)``, callbacks given an ``MqttMessage``).
 
 How it behaves (as the Java nucleus, ``com.aws.greengrass.mqttclient.MqttClient``)
 -----------------------------------------------------------------------------------
@@ -87,7 +93,8 @@ from emulator.nucleus.spool import (MessageTooLarge, OFFLINE_QOS0_TEXT, OfflineQ
 from gateway.errors import ConfigError, GatewayError
 from gateway.publishers.mqtt import UNDELIVERABLE_CRT_ERRORS
 
-__all__ = ["IotCoreBridge", "SpoolConfig", "SpoolFull", "OfflineQos0Dropped", "MessageTooLarge", "SpoolStats",
+__all__ = ["IotCoreBridge", "MqttProxyBridge", "SpoolConfig", "SpoolFull", "OfflineQos0Dropped", "MessageTooLarge",
+           "SpoolStats",
            "SubscribeFailed", "topic_matches", "DEFAULT_MAX_MESSAGE_SIZE", "MAX_IN_FLIGHT_LIMIT"]
 
 log = logging.getLogger(__name__)
@@ -104,7 +111,14 @@ RESUBSCRIBE_RETRY_S = 1.0
 
 
 class SubscribeFailed(GatewayError):
-    """A subscription the broker refused, or a topic filter that is not one; the nucleus's text."""
+    """A subscription the broker refused, or a topic filter that is not one; the nucleus's text.
+
+    ``reason`` is the SUBACK's reason code name (or what is wrong with the filter).
+    """
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason if reason is not None else message
 
 
 def check_filter(topic_filter: str) -> str | None:
@@ -134,6 +148,21 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
         if i >= len(t) or (level != "+" and level != t[i]):
             return False
     return len(f) == len(t)
+
+
+def _packet(msg: SpoolMessage) -> mqtt5.PublishPacket:
+    packet = mqtt5.PublishPacket(topic=msg.topic, payload=msg.payload, qos=_QOS[msg.qos])
+    for key, value in (msg.properties or {}).items():
+        if key == "correlation_data":
+            packet.correlation_data_bytes = value
+        elif key == "user_properties":
+            packet.user_properties = [mqtt5.UserProperty(name, v) for name, v in value]
+        elif key == "payload_format":
+            packet.payload_format_indicator = (mqtt5.PayloadFormatIndicator.AWS_MQTT5_PFI_UTF8 if value == "UTF8"
+                                               else mqtt5.PayloadFormatIndicator.AWS_MQTT5_PFI_BYTES)
+        else:
+            setattr(packet, key, value)
+    return packet
 
 
 class _Subscription:
@@ -184,6 +213,7 @@ class IotCoreBridge:
         self._closed = False
         self._started = False
         self._stopped = threading.Event()
+        self._attempted = threading.Event()  # awscrt began a connection attempt
         self._generation = 0  # counts connections; a completion from an older one is stale
         self._in_flight: dict[int, int] = {}  # message id -> generation it was sent on
         self._subs: dict[str, _Subscription] = {}
@@ -217,6 +247,7 @@ class IotCoreBridge:
                 on_lifecycle_connection_failure=self._on_connection_failure,
                 on_lifecycle_disconnection=self._on_disconnection,
                 on_lifecycle_stopped=lambda data: self._stopped.set(),
+                on_lifecycle_attempting_connect=lambda data: self._attempted.set(),
             )
         except (AwsCrtError, OSError, RuntimeError) as exc:
             raise ConfigError("", f"cannot load certificate {os.fspath(cert)!r} and key {os.fspath(key)!r} "
@@ -247,7 +278,9 @@ class IotCoreBridge:
             self._closed = True
             self._cond.notify_all()
         self._client.stop()
-        self._stopped.wait(timeout)
+        # A stop() before awscrt has begun its first attempt is not always followed by the
+        # stopped event (awscrt 0.36.1), though the client is stopped: do not wait long for it.
+        self._stopped.wait(timeout if self._attempted.is_set() else min(timeout, 0.2))
         with self._cond:
             self._connected = False
         self._events.put(None)
@@ -311,6 +344,8 @@ class IotCoreBridge:
 
     def _went_offline(self) -> None:
         with self._cond:
+            if self._closed:
+                return  # the spool may be closed already; a Disk spool keeps its messages anyway
             was = self._connected
             self._generation += 1
             in_flight, self._in_flight = list(self._in_flight), {}
@@ -328,7 +363,8 @@ class IotCoreBridge:
         self._connected = connected
         self.last_change = self.clock()
         self._cond.notify_all()
-        self._events.put(("status", connected))
+        # The listeners registered now: one added later never hears of an older change.
+        self._events.put(("status", connected, list(self._listeners.values())))
 
     def _note_error(self, exc: BaseException | None, what: str) -> None:
         if getattr(exc, "name", "") == "AWS_ERROR_MQTT5_USER_REQUESTED_STOP":
@@ -341,8 +377,22 @@ class IotCoreBridge:
 
     # -- publishing -------------------------------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, qos: int) -> None:
-        """Spool a message for IoT Core; see the module doc for what it raises."""
+    def publish(self, topic: str, payload: bytes, qos: int, *, retain: bool = False,
+                user_properties: list[tuple[str, str]] | None = None, message_expiry_interval_sec: int | None = None,
+                correlation_data: bytes | None = None, response_topic: str | None = None,
+                payload_format: str | None = None, content_type: str | None = None) -> None:
+        """Spool a message for IoT Core; see the module doc for what it raises.
+
+        The keywords are the MQTT 5 properties PublishToIoTCore carries (``payload_format`` is
+        "BYTES" or "UTF8"); they are spooled with the message and sent with it.
+        """
+        users = [list(p) for p in user_properties or ()]
+        props = {k: v for k, v in (("retain", bool(retain)), ("user_properties", users),
+                                   ("message_expiry_interval_sec", message_expiry_interval_sec),
+                                   ("correlation_data", correlation_data), ("response_topic", response_topic),
+                                   ("payload_format", payload_format), ("content_type", content_type)) if v}
+        if payload_format not in (None, "BYTES", "UTF8"):
+            raise ValueError(f"payload_format {payload_format!r} must be BYTES or UTF8")
         if qos not in _QOS:
             raise ValueError(f"qos {qos!r} must be 0 or 1")
         if not isinstance(topic, str) or not topic:
@@ -357,7 +407,7 @@ class IotCoreBridge:
             if qos == 0 and not self._connected and not self.spool_config.keep_qos0_when_offline:
                 self._spool.count_dropped_qos0()
                 raise OfflineQos0Dropped(OFFLINE_QOS0_TEXT)
-            self._spool.add(topic, payload, qos)  # notifies the sender
+            self._spool.add(topic, payload, qos, props)  # notifies the sender
 
     def _send_loop(self) -> None:
         cond, spool = self._cond, self._spool
@@ -372,8 +422,7 @@ class IotCoreBridge:
                 self._in_flight[msg.id] = generation
                 cond.notify_all()
             try:
-                fut = self._client.publish(mqtt5.PublishPacket(topic=msg.topic, payload=msg.payload,
-                                                               qos=_QOS[msg.qos]))
+                fut = self._client.publish(_packet(msg))
             except Exception as exc:  # the binding refused the arguments
                 self._done(msg, generation, exc, None)
                 continue
@@ -387,8 +436,8 @@ class IotCoreBridge:
     def _done(self, msg: SpoolMessage, generation: int, exc: BaseException | None, puback) -> None:
         spool = self._spool
         with self._cond:
-            if self._in_flight.get(msg.id) != generation:
-                return  # the connection went meanwhile and the message was queued again
+            if self._closed or self._in_flight.get(msg.id) != generation:
+                return  # closed (a Disk spool keeps the message), or the connection went and it was queued again
             del self._in_flight[msg.id]
             code = puback.reason_code if puback is not None else None
             if exc is None and (code is None or code in _PUBACK_OK):
@@ -410,7 +459,8 @@ class IotCoreBridge:
         """Register ``callback(topic, payload)`` for ``topic_filter``; see the module doc."""
         problem = check_filter(topic_filter)
         if problem is not None:
-            raise SubscribeFailed(f"Subscribe to topic {topic_filter!r} failed: {problem}")
+            raise SubscribeFailed(f"Subscribe to topic {topic_filter!r} failed: {problem}",
+                                  f"{topic_filter!r} is not a valid topic filter: {problem}")
         if qos not in _QOS:
             raise ValueError(f"qos {qos!r} must be 0 or 1")
         with self._subs_lock:
@@ -436,8 +486,8 @@ class IotCoreBridge:
                 failed = [c for c in suback.reason_codes if c >= 128]
                 if failed:
                     unsubscribe()
-                    raise SubscribeFailed(f"Subscribe to topic {topic_filter} failed with error "
-                                          f"{getattr(failed[0], 'name', failed[0])}")
+                    reason = getattr(failed[0], "name", str(failed[0]))
+                    raise SubscribeFailed(f"Subscribe to topic {topic_filter} failed with error {reason}", reason)
         return unsubscribe
 
     def _send_subscribe(self, topic_filter: str, qos: int, generation: int) -> Future:
@@ -518,7 +568,7 @@ class IotCoreBridge:
     def _dispatch_loop(self) -> None:
         while (event := self._events.get()) is not None:
             if event[0] == "status":
-                targets = [(cb, (event[1],)) for cb in list(self._listeners.values())]
+                targets = [(cb, (event[1],)) for cb in event[2]]
             else:
                 _, topic, payload = event
                 with self._subs_lock:
@@ -532,3 +582,40 @@ class IotCoreBridge:
 
     def __repr__(self) -> str:
         return f"IotCoreBridge({self._name}, {'connected' if self._connected else 'offline'})"
+
+
+class MqttProxyBridge:
+    """:class:`IotCoreBridge` behind the seam of :mod:`emulator.nucleus.mqttproxy` (messages as
+    ``MqttMessage``): ``MqttProxy(MqttProxyBridge(bridge), acl)``.
+
+    Outgoing messages keep their MQTT 5 properties (spooled and sent with them); incoming ones reach
+    the callback with topic and payload only. A refused SUBACK raises :class:`SubscribeFailed`
+    whose text is the reason code alone, so the proxy's ServiceError reads as the nucleus's
+    ``Subscribe to topic <filter> failed with error <reason code>``.
+    """
+
+    def __init__(self, bridge: IotCoreBridge):
+        self.bridge = bridge
+
+    @property
+    def connected(self) -> bool:
+        return self.bridge.connected
+
+    def publish(self, message, qos: int) -> None:
+        self.bridge.publish(message.topic, message.payload, qos, retain=message.retain,
+                            user_properties=message.user_properties,
+                            message_expiry_interval_sec=message.message_expiry_interval_seconds,
+                            correlation_data=message.correlation_data, response_topic=message.response_topic,
+                            payload_format=message.payload_format, content_type=message.content_type)
+
+    def subscribe(self, topic_filter: str, qos: int, callback) -> Callable[[], None]:
+        from emulator.nucleus.mqttproxy import MqttMessage  # the proxy imports the IPC server; only when used
+
+        try:
+            return self.bridge.subscribe(topic_filter, qos,
+                                         lambda topic, payload: callback(MqttMessage(topic, payload)))
+        except SubscribeFailed as exc:
+            raise SubscribeFailed(exc.reason) from exc
+
+    def add_status_listener(self, callback: Callable[[bool], None]) -> Callable[[], None]:
+        return self.bridge.add_status_listener(callback)

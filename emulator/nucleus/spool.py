@@ -36,6 +36,7 @@ Order: messages leave in the order they were added; a failed one goes back to th
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import sqlite3
@@ -123,6 +124,7 @@ class SpoolMessage:
     qos: int
     payload: bytes
     retried: int = 0
+    properties: dict | None = None  # MQTT 5 publish properties, as IotCoreBridge.publish takes them
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class _Entry:  # what stays in memory for each message, whatever the storage
     size: int
     retried: int = 0
     payload: bytes | None = field(default=None, repr=False)  # None: on disk
+    properties: dict | None = None
 
 
 class Spool:
@@ -179,24 +182,27 @@ class Spool:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > self.SCHEMA_VERSION:
                 raise ConfigError("mqtt.spooler.storageType",
-                                  f"spool file {path} has schema {version}, newer than this nucleus's {self.SCHEMA_VERSION}")
+                                  f"spool file {path} has schema {version}, newer than this nucleus's "
+                                  f"{self.SCHEMA_VERSION}")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # durable across a crash of the process
             db.execute("CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY, topic TEXT NOT NULL, "
-                       "qos INTEGER NOT NULL, payload BLOB NOT NULL, retried INTEGER NOT NULL DEFAULT 0)")
+                       "qos INTEGER NOT NULL, payload BLOB NOT NULL, retried INTEGER NOT NULL DEFAULT 0, "
+                       "properties TEXT)")
             db.execute(f"PRAGMA user_version={self.SCHEMA_VERSION}")
-            rows = db.execute("SELECT id, topic, qos, length(payload), retried FROM spool ORDER BY id").fetchall()
+            rows = db.execute("SELECT id, topic, qos, length(payload), retried, properties FROM spool "
+                              "ORDER BY id").fetchall()
         except sqlite3.Error as exc:
             raise ConfigError("mqtt.spooler.storageType", f"cannot open the spool file {path}: {exc}") from exc
         self._db = db
         left = 0
-        for mid, topic, qos, size, retried in rows:
+        for mid, topic, qos, size, retried, props in rows:
             self._next_id = max(self._next_id, mid + 1)
             # As the nucleus's persistentQueueSync: what no longer fits is not queued (no eviction).
             if size > self.config.max_size_bytes or self._bytes + size > self.config.max_size_bytes:
                 left += 1
                 continue
-            self._entries[mid] = _Entry(topic, qos, size, retried)
+            self._entries[mid] = _Entry(topic, qos, size, retried, properties=_loads(props))
             self._queue.append(mid)
             self._bytes += size
         if rows:
@@ -213,7 +219,7 @@ class Spool:
 
     # -- the contract ---------------------------------------------------------------------------
 
-    def add(self, topic: str, payload: bytes, qos: int) -> int:
+    def add(self, topic: str, payload: bytes, qos: int, properties: dict | None = None) -> int:
         """Spool a message and return its id; raise :class:`SpoolFull` if it does not fit."""
         size = len(payload)
         limit = self.config.max_size_bytes
@@ -225,9 +231,10 @@ class Spool:
             if self._bytes + size > limit:
                 raise SpoolFull(FULL_TEXT)
             mid = self._next_id
-            entry = _Entry(topic, qos, size)
+            entry = _Entry(topic, qos, size, properties=properties or None)
             if self._db is not None:
-                self._sql("INSERT INTO spool (id, topic, qos, payload) VALUES (?, ?, ?, ?)", (mid, topic, qos, payload))
+                self._sql("INSERT INTO spool (id, topic, qos, payload, properties) VALUES (?, ?, ?, ?, ?)",
+                          (mid, topic, qos, payload, _dumps(entry.properties)))
             else:
                 entry.payload = payload
             self._next_id += 1
@@ -277,7 +284,7 @@ class Spool:
             if payload is None:
                 row = self._db.execute("SELECT payload FROM spool WHERE id = ?", (mid,)).fetchone()
                 payload = bytes(row[0])
-            return SpoolMessage(mid, e.topic, e.qos, payload, e.retried)
+            return SpoolMessage(mid, e.topic, e.qos, payload, e.retried, e.properties)
 
     def remove(self, mid: int) -> None:
         """Forget a message: it was acknowledged (or is given up)."""
@@ -339,3 +346,16 @@ class Spool:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+
+def _dumps(props: dict | None) -> str | None:
+    """MQTT 5 properties as JSON for the Disk spool (bytes as {"hex": ...})."""
+    if not props:
+        return None
+    return json.dumps({k: {"hex": v.hex()} if isinstance(v, (bytes, bytearray)) else v for k, v in props.items()})
+
+
+def _loads(text: str | None) -> dict | None:
+    if not text:
+        return None
+    return {k: bytes.fromhex(v["hex"]) if isinstance(v, dict) else v for k, v in json.loads(text).items()}
