@@ -431,5 +431,34 @@ def build(component: str, platform: str | None, python_version: str | None, vers
     click.echo(f"built {built.component} {built.version}")
 
 
+class _NucleusGroup(click.Group):
+    """``gateway nucleus``: the local Greengrass nucleus of :mod:`emulator.nucleus.cli`, imported
+    only when the command is used (the emulator is never needed on a device)."""
+
+    def __init__(self) -> None:
+        super().__init__("nucleus", help="Run a local Greengrass nucleus, or manage the one on --root "
+                                         "(greengrass-cli's verbs).")
+
+    @staticmethod
+    def _real() -> click.Group:
+        from emulator.nucleus.cli import nucleus as real
+
+        return real
+
+    @property  # type: ignore[override]
+    def commands(self) -> dict:
+        return self._real().commands
+
+    @commands.setter
+    def commands(self, value: dict) -> None:
+        pass
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        return self._real().make_context(info_name, args, parent=parent, **extra)
+
+
+main.add_command(_NucleusGroup())
+
+
 if __name__ == "__main__":
     main()
