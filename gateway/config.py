@@ -471,6 +471,12 @@ def validate(raw: Any, base: Path = Path("."), *, greengrass: bool = False) -> C
         c.fail("forwarder.backoff_max_s", f"{_show(forwarder['backoff_max_s'])}{default} must be >= "
                                           f"backoff_min_s ({_show(forwarder['backoff_min_s'])})")
 
+    if forwarder["basic_ingest_rule"] and publisher.get("delivery") == "receipt":
+        c.fail("forwarder.basic_ingest_rule", f"{forwarder['basic_ingest_rule']!r} with publisher.delivery: receipt: "
+                                              "a message sent through Basic Ingest reaches only its rule, not the "
+                                              "receipt rule, so no receipt would ever come (use delivery: handoff, "
+                                              "or no Basic Ingest)")
+
     model = _model_section(c, top) if "model" in top else None
     weather = _weather_section(c, top) if "weather" in top else None
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from gateway.config import Config, _Checker, positive, validate
+from gateway.config import Config, _Checker, in_greengrass, positive, validate
 from gateway.errors import ConfigError, ConfigErrors
 from gateway.model import announce
 from gateway.publishers import Publisher
@@ -129,7 +129,7 @@ def read_settings(raw: Any, base: Path, *, env: dict | None = None, model_path: 
                                  f"{announce.ANNOUNCE_TOPIC} within {model_wait_s:g} s")
             raw["model"] = {k: v for k, v in m.items()}
     try:
-        config = validate(raw, base=base)
+        config = validate(raw, base=base, greengrass=in_greengrass())
     except ConfigErrors as exc:
         errors = [e for e in exc.errors if not (e.path == "model.path" and any(x.path == "model.path"
                                                                                  for x in c.errors))]

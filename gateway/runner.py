@@ -43,7 +43,6 @@ from gateway.errors import BufferBusy, BufferFull, DiskFull, RetryableError
 from gateway.forwarder import Backoff, Forwarder
 from gateway.publishers import MemoryPublisher, Publisher
 from gateway.sources import Source
-from gateway.topics import MAX_BYTES_PER_S, MAX_PAYLOAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +427,7 @@ class Gateway:
         fwd = self.forwarder
         window = self.config.forwarder["window"]
         fwd.window = 0 if on else window
-        fwd.claim_timeout_s = fwd.ack_timeout_s + window * MAX_PAYLOAD_BYTES / MAX_BYTES_PER_S
+        fwd.claim_timeout_s = fwd.claim_timeout(window)  # the publisher's delivery window (receipts) included
 
     def in_flight(self) -> int:
         """Messages published and not yet acknowledged (read from another thread)."""

@@ -155,7 +155,7 @@ def test_check_refuses_what_a_start_would_fail_on(tmp_path, certs):
 
 def test_a_start_runs_the_same_checks_and_leaves_no_buffer_file(tmp_path, certs):
     """A real process, no --check: the key of another thing is refused before the buffer exists."""
-    config = mqtt_config(tmp_path, certs, key=certs.client("test-subscriber").key)
+    mqtt_config(tmp_path, certs, key=certs.client("test-subscriber").key)
     proc = subprocess.run([str(GATEWAY), "run", "--config", "gw.yaml"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", (

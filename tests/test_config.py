@@ -171,6 +171,11 @@ CASES = [
       "exponent with its sign: 1.0e+5)"]),
     ("ipc-receipt-timeout-too-long", MINIMAL.replace("{type: memory}", "{type: ipc, receipt_timeout_s: 86401}"),
      ["publisher.receipt_timeout_s: 86401 must be <= 86400"]),
+    ("receipt-through-basic-ingest",
+     MINIMAL.replace("{type: memory}", "{type: ipc, delivery: receipt}") + "forwarder: {basic_ingest_rule: meters_raw}\n",
+     ["forwarder.basic_ingest_rule: 'meters_raw' with publisher.delivery: receipt: a message sent through Basic "
+      "Ingest reaches only its rule, not the receipt rule, so no receipt would ever come (use delivery: handoff, "
+      "or no Basic Ingest)"]),
     ("mqtt-client-id", mqtt("client_id: ''"), ["publisher.client_id: '' must not be empty"]),
     ("mqtt-client-id-too-long", mqtt("client_id: " + "c" * 129),
      [f"publisher.client_id: '{'c' * 129}' is 129 bytes long; IoT Core allows at most 128"]),

@@ -22,7 +22,7 @@ from gateway.messages import decode
 from gateway.publishers import MemoryPublisher
 from gateway.readings import Reading
 from gateway.runner import Gateway
-from gateway.sources import Batch, ListSource
+from gateway.sources import ListSource
 
 from conftest import THING
 
