@@ -23,7 +23,8 @@ acknowledged stays in the buffer) and starts a new one on the same buffer: nothi
 agent then exits 1 and the nucleus restarts the component). Before a deployment updates the
 component (``PreComponentUpdateEvent``) the agent stops claiming new work; while messages still
 await their PUBACK it defers the update (``defer_component_update``, checked again after
-``defer_recheck_s``), then lets it go: SIGTERM stops the gateway cleanly. Claims resume after the
+``defer_recheck_s``), then lets it go with ``recheck_after_ms=0`` (the nucleus goes on at once
+instead of waiting out its update timeout): SIGTERM stops the gateway cleanly. Claims resume after the
 ``PostComponentUpdateEvent``, or :attr:`GreengrassAgent.hold_s` after the last notice.
 
 **Weather** arrives from IoT Core on ``dt/weather/+/observations`` (format:
@@ -385,8 +386,10 @@ class GreengrassAgent:
         gw.hold(True)
         self._hold_until = self.clock() + self.hold_s
         n = gw.in_flight()
-        if not n:
+        if not n:  # recheck_after_ms=0 tells the nucleus it may go now, instead of waiting out its timeout
             log.info("deployment %s: nothing in flight, the component may be updated", deployment_id)
+            self.ipc.defer_component_update(deployment_id=deployment_id, recheck_after_ms=0,
+                                            message="nothing in flight: ready for the update")
             return
         assert self.settings is not None
         recheck = self.settings.greengrass["defer_recheck_s"]

@@ -354,7 +354,8 @@ def test_an_update_is_deferred_while_messages_are_in_flight_then_let_go(running)
     done = agent.actions_done
     handler(component_update(pre=True))  # the nucleus asks again: settled, let it go
     assert agent.wait_for(lambda: agent.actions_done > done)
-    assert r.nucleus.ipc.defer_component_update.call_count == 1
+    assert r.nucleus.ipc.defer_component_update.call_count == 2  # the second: recheck_after_ms=0, ready
+    assert r.nucleus.ipc.defer_component_update.call_args.kwargs["recheck_after_ms"] == 0
     assert gw.in_flight() == 0 and gw.buffer.pending() > 0  # held: nothing new went out
 
     handler(component_update(pre=False))  # the deployment did not touch us: forwarding resumes
@@ -371,7 +372,9 @@ def test_nothing_in_flight_lets_the_update_go_at_once(running):
     done = r.agent.actions_done
     r.nucleus.handlers["subscribe_to_component_updates"](component_update(pre=True))
     assert r.agent.wait_for(lambda: r.agent.actions_done > done)
-    r.nucleus.ipc.defer_component_update.assert_not_called()
+    # recheck_after_ms=0: the nucleus may go on now, rather than wait out its update timeout
+    r.nucleus.ipc.defer_component_update.assert_called_once_with(
+        deployment_id="deploy-7", recheck_after_ms=0, message="nothing in flight: ready for the update")
     assert r.agent.health()["state"] == "held"
     # no PostComponentUpdateEvent and no SIGTERM (the deployment went elsewhere): claims resume
     assert wait_until(lambda: gw.forwarder.window == 64 and r.agent.health()["state"] == "running")
