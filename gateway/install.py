@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -111,10 +112,8 @@ def install(wheelhouse: Path, venv_dir: Path, *, no_deps: bool = False, check_im
     started = time.monotonic()
     has_pip_wheel = any(wheelhouse.glob("pip-*.whl"))
     if not has_pip_wheel:
-        try:
-            import ensurepip  # noqa: F401
-        except ImportError as exc:
-            raise InstallError(f"the wheelhouse has no pip wheel and this python3 has no ensurepip; install {_apt_hint()}") from exc
+        if importlib.util.find_spec("ensurepip") is None:
+            raise InstallError(f"the wheelhouse has no pip wheel and this python3 has no ensurepip; install {_apt_hint()}")
     _make_venv(venv_dir, with_pip=not has_pip_wheel)
     wheels = [str(w) for w in sorted(wheelhouse.glob("*.whl")) if not w.name.startswith("pip-")]
     cmd = _pip_command(venv_dir, wheelhouse) + [
