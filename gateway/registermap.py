@@ -7,6 +7,7 @@ A Modbus meter is a table of 16-bit registers. A map says which of them hold wha
     document: "Eastron SDM630 Modbus Protocol, V1.5, Input Registers table"
     defaults: {word_order: big, byte_order: big}   # [big, big]
     max_gap: 0                # [0] unused registers a coalesced request may read across (see plan)
+    max_count: 125            # [125] the most registers the meter answers in one request (1..125)
     registers:
       - name: total_import_kwh
         type: input           # holding (function 3) or input (function 4)
@@ -104,6 +105,11 @@ class RegisterMap:
     document: str
     registers: list[Register] = field(default_factory=list)
     max_gap: int = 0
+    max_count: int = MAX_COUNT
+
+    def plan(self, registers: Iterable[Register] | None = None) -> list[tuple[str, int, int]]:
+        """The read requests for ``registers`` (default all of the map's), within its limits."""
+        return plan(self.registers if registers is None else registers, self.max_count, self.max_gap)
 
     def register(self, name: str) -> Register:
         for r in self.registers:
@@ -255,7 +261,7 @@ def validate_map(raw: Any, name: str, label: str) -> RegisterMap:
 
     if not isinstance(raw, dict):
         raise ConfigErrors([ConfigError(label, f"{_show(raw)} must be a mapping (maker, model, document, registers)")])
-    top_keys = {"maker", "model", "document", "defaults", "registers", "max_gap"}
+    top_keys = {"maker", "model", "document", "defaults", "registers", "max_gap", "max_count"}
     for key in raw:
         if key not in top_keys:
             fail(str(key), f"unknown key (allowed: {', '.join(sorted(top_keys))})")
@@ -281,6 +287,10 @@ def validate_map(raw: Any, name: str, label: str) -> RegisterMap:
     if isinstance(max_gap, bool) or not isinstance(max_gap, int) or not 0 <= max_gap <= MAX_COUNT:
         fail("max_gap", f"{_show(max_gap)} must be an integer within 0..{MAX_COUNT}")
         max_gap = 0
+    max_count = raw.get("max_count", MAX_COUNT)
+    if isinstance(max_count, bool) or not isinstance(max_count, int) or not 1 <= max_count <= MAX_COUNT:
+        fail("max_count", f"{_show(max_count)} must be an integer within 1..{MAX_COUNT}")
+        max_count = MAX_COUNT
     regs_raw = raw.get("registers")
     registers: list[Register] = []
     if not isinstance(regs_raw, list) or not regs_raw:
@@ -359,7 +369,7 @@ def validate_map(raw: Any, name: str, label: str) -> RegisterMap:
         raise ConfigErrors([ConfigError(f"{label}: registers", "has no register of meaning energy (a reading is "
                                                                "the delta of an energy counter)")])
     return RegisterMap(name=name, maker=texts["maker"], model=texts["model"], document=texts["document"],
-                       registers=registers, max_gap=max_gap)
+                       registers=registers, max_gap=max_gap, max_count=max_count)
 
 
 def _show(value: Any) -> str:
