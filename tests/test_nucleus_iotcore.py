@@ -237,17 +237,16 @@ def test_mqtt5_properties_are_spooled_with_the_message(tmp_path):
 
 def test_the_mqttproxy_seam_carries_messages_with_their_properties(make_bridge, broker):
     from emulator.nucleus.iotcore import MqttProxyBridge
-    from emulator.nucleus.mqttproxy import MqttMessage
 
+    # the calls MqttProxy makes (emulator/nucleus/mqttproxy.py), keywords and all
     seam = MqttProxyBridge(make_bridge(broker.port))
     assert seam.connected
     got = Recorder()
     seam.subscribe("dt/loop/#", 1, got)
     assert seam.bridge.wait_subscribed(WAIT)
-    seam.publish(MqttMessage("dt/loop/a", b"hi", user_properties=[("k", "v")], correlation_data=b"\x01",
-                             payload_format="UTF8", content_type="text/plain"), 1)
-    assert got.wait_for(lambda items: [(m.topic, m.payload) for m in items] == [("dt/loop/a", b"hi")])
-    assert isinstance(got.items[0], MqttMessage)
+    seam.publish("dt/loop/a", b"hi", 1, retain=False, user_properties=[("k", "v")], message_expiry_interval_sec=None,
+                 correlation_data=b"\x01", response_topic=None, payload_format="UTF8", content_type="text/plain")
+    assert got.wait_for(lambda items: items == [("dt/loop/a", b"hi")])
     with pytest.raises(SubscribeFailed, match=r"^'a/#/b' is not a valid topic filter: # must be a whole level"):
         seam.subscribe("a/#/b", 1, got)
     assert seam.bridge.subscriptions() == {"dt/loop/#": 1}

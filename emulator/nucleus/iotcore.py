@@ -43,8 +43,8 @@ and the broker learns it at the next connection. Calling the returned function u
 in order with the messages; the IPC server turns them into SubscribeToIoTCoreConnectionStatus
 events.
 
-``MqttProxyBridge(bridge)`` puts it behind the seam of :mod:`emulator.nucleus.mqttproxy`
-(``publish(MqttMessage, qos)``, callbacks given an ``MqttMessage``).
+``MqttProxyBridge(bridge)`` puts it behind the seam of :mod:`emulator.nucleus.mqttproxy` (the
+same calls; a refused SUBACK's text is its reason code alone, as the proxy words the error).
 
 How it behaves (as the Java nucleus, ``com.aws.greengrass.mqttclient.MqttClient``)
 -----------------------------------------------------------------------------------
@@ -585,13 +585,14 @@ class IotCoreBridge:
 
 
 class MqttProxyBridge:
-    """:class:`IotCoreBridge` behind the seam of :mod:`emulator.nucleus.mqttproxy` (messages as
-    ``MqttMessage``): ``MqttProxy(MqttProxyBridge(bridge), acl)``.
+    """:class:`IotCoreBridge` behind the seam of :mod:`emulator.nucleus.mqttproxy`:
+    ``MqttProxy(MqttProxyBridge(bridge), acl)``, or ``IPCServer(iotcore=MqttProxyBridge(bridge))``.
 
-    Outgoing messages keep their MQTT 5 properties (spooled and sent with them); incoming ones reach
-    the callback with topic and payload only. A refused SUBACK raises :class:`SubscribeFailed`
-    whose text is the reason code alone, so the proxy's ServiceError reads as the nucleus's
-    ``Subscribe to topic <filter> failed with error <reason code>``.
+    The seam is the bridge's own (``publish(topic, payload, qos, **MQTT 5 properties)``, callbacks
+    given ``(topic, payload)``); the one difference is a refused SUBACK: it raises
+    :class:`SubscribeFailed` whose text is the reason code alone, so the proxy's ServiceError reads
+    as the nucleus's ``Subscribe to topic <filter> failed with error <reason code>`` (the bridge's
+    own text would be said twice).
     """
 
     def __init__(self, bridge: IotCoreBridge):
@@ -601,19 +602,12 @@ class MqttProxyBridge:
     def connected(self) -> bool:
         return self.bridge.connected
 
-    def publish(self, message, qos: int) -> None:
-        self.bridge.publish(message.topic, message.payload, qos, retain=message.retain,
-                            user_properties=message.user_properties,
-                            message_expiry_interval_sec=message.message_expiry_interval_seconds,
-                            correlation_data=message.correlation_data, response_topic=message.response_topic,
-                            payload_format=message.payload_format, content_type=message.content_type)
+    def publish(self, topic: str, payload: bytes, qos: int, **properties) -> None:
+        self.bridge.publish(topic, payload, qos, **properties)
 
-    def subscribe(self, topic_filter: str, qos: int, callback) -> Callable[[], None]:
-        from emulator.nucleus.mqttproxy import MqttMessage  # the proxy imports the IPC server; only when used
-
+    def subscribe(self, topic_filter: str, qos: int, callback: Callable[[str, bytes], None]) -> Callable[[], None]:
         try:
-            return self.bridge.subscribe(topic_filter, qos,
-                                         lambda topic, payload: callback(MqttMessage(topic, payload)))
+            return self.bridge.subscribe(topic_filter, qos, callback)
         except SubscribeFailed as exc:
             raise SubscribeFailed(exc.reason) from exc
 
