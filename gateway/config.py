@@ -46,6 +46,32 @@ Reference (defaults in brackets)::
                                     #   no offset = UTC; an unquoted YAML timestamp or date works too
         count: null                 # [null] stop after this many ticks
         labels_path: null           # [null] where injected anomalies are recorded (CSV)
+      - type: modbus                # real meters (gateway.sources.modbus)
+        name: site-a
+        interval_s: 60              # [60] poll at every boundary of this (by the wall clock), 1..86400
+        jitter_s: 0                 # [0] spread each meter's poll over this many s after the boundary
+        timeout_s: 1.0              # [1.0] default for the devices: per request, 0.05..60
+        retries: 1                  # [1] default for the devices: extra tries of a request, 0..10
+        max_spread_intervals: 60    # [60] a longer gap's energy is quarantined, not spread
+        backoff_max_intervals: 16   # [16] a dead meter is tried at least every this many intervals
+        devices:                    # and/or devices_csv: site-a.csv (one device a row, columns = keys)
+          - name: main              # [<host or serial>#<unit_id>] unique in the source; keys its counter
+            map: eastron-sdm630     # a shipped map (eastron-sdm630, schneider-iem3000,
+                                    #   carlo-gavazzi-em24) or a map file's path
+            transport: tcp          # [tcp with host, rtu with serial] tcp, rtu-over-tcp or rtu
+            host: 10.0.0.21         # tcp / rtu-over-tcp
+            port: 502               # [502]
+            serial: null            # rtu: /dev/ttyUSB0; with baudrate [9600], parity [N] (N, E, O),
+                                    #   stopbits [1], bytesize [8]
+            unit_id: 1              # 1..247
+            site: "0"               # the reading's site, building and meter type
+            building: "12"
+            meter: electricity      # [electricity] electricity, chilledwater, steam, hotwater
+            max_power_kw: 250       # [null] a delta above this × the interval is quarantined
+            energy: null            # [the map's first energy register] the counter to read
+            registers: null         # [all of the map's] which registers to read (coalesced)
+            timeout_s: 1.0          # [the source's]
+            retries: 1              # [the source's]
     publisher:
       type: mqtt                    # mqtt, ipc or memory
       endpoint: localhost           # IoT Core ATS endpoint, or a local broker
@@ -101,7 +127,7 @@ from gateway.errors import ConfigError, ConfigErrors
 from gateway.topics import check_rule_name
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-SOURCE_TYPES = ("replay", "simulator")
+SOURCE_TYPES = ("replay", "simulator", "modbus")
 PUBLISHER_TYPES = ("mqtt", "memory", "ipc")
 DELIVERY_MODES = ("handoff", "receipt")
 #: Environment variables the nucleus sets for every component it runs.
@@ -378,6 +404,10 @@ def validate(raw: Any, base: Path = Path("."), *, greengrass: bool = False) -> C
                 "speed": c.get(where, s, "speed", float, None, nullable=True, check=gt(0)),
                 "batch_size": c.get(where, s, "batch_size", int, 1000, check=between(1, 100_000)),
             }
+        elif kind == "modbus":
+            s = c.mapping(where, s, {"type", "name", "interval_s", "jitter_s", "timeout_s", "retries",
+                                     "max_spread_intervals", "backoff_max_intervals", "devices", "devices_csv"})
+            src = _modbus_source(c, where, s)
         else:
             s = c.mapping(where, s, {"type", "name", "meters", "interval_s", "speed", "anomaly_rate", "seed",
                                      "count", "labels_path", "start"})
@@ -498,6 +528,218 @@ def validate(raw: Any, base: Path = Path("."), *, greengrass: bool = False) -> C
         raise ConfigErrors(c.errors)
     return Config(thing=thing, app=app, log_level=log_level, buffer=buffer, sources=sources,
                   publisher=publisher, forwarder=forwarder, model=model, weather=weather, base=base, raw=top)
+
+
+#: The keys of one Modbus device (``sources[i].devices[j]`` or a row of ``devices_csv``) and their types.
+DEVICE_KEYS: dict[str, type | tuple] = {
+    "name": str, "map": str, "transport": str, "host": str, "port": int, "serial": str, "baudrate": int,
+    "parity": str, "stopbits": int, "bytesize": int, "unit_id": int, "site": str, "building": str, "meter": str,
+    "max_power_kw": (int, float), "energy": str, "registers": list, "timeout_s": (int, float), "retries": int,
+}
+MAX_DEVICES = 100_000
+
+
+def _modbus_source(c: _Checker, where: str, s: dict) -> dict:
+    """A ``type: modbus`` source: its settings and its devices, from ``devices`` and ``devices_csv``."""
+    src = {
+        "type": "modbus",
+        "name": c.get(where, s, "name", str, "modbus", check=lambda v: None if v else "must not be empty"),
+        "interval_s": c.get(where, s, "interval_s", (int, float), 60, check=interval),
+        "jitter_s": c.get(where, s, "jitter_s", (int, float), 0.0, check=between(0, MAX_INTERVAL_S)),
+        "max_spread_intervals": c.get(where, s, "max_spread_intervals", int, 60, check=between(1, 100_000)),
+        "backoff_max_intervals": c.get(where, s, "backoff_max_intervals", int, 16, check=between(1, 100_000)),
+    }
+    timeout = c.get(where, s, "timeout_s", (int, float), 1.0, check=between(0.05, 60))
+    retries = c.get(where, s, "retries", int, 1, check=between(0, 10))
+    if src["jitter_s"] and src["interval_s"] and src["jitter_s"] >= src["interval_s"]:
+        c.fail(_join(where, "jitter_s"), f"{_show(s['jitter_s'])} must be < interval_s ({_show(src['interval_s'])})")
+    entries: list[tuple[str, dict, bool]] = []  # (where, raw device, from a CSV)
+    raw_devices = s.get("devices")
+    if "devices" in s and (not isinstance(raw_devices, list)):
+        c.fail(_join(where, "devices"), f"{_show(raw_devices)} must be a list")
+        raw_devices = []
+    for j, d in enumerate(raw_devices or []):
+        entries.append((_join(_join(where, "devices"), j), d, False))
+    if s.get("devices_csv") is not None:
+        path = c.path(_join(where, "devices_csv"), c.get(where, s, "devices_csv", str))
+        if path is not None and path.is_file():
+            entries.extend(_csv_devices(c, _join(where, "devices_csv"), path))
+    if not entries and "devices" not in s and "devices_csv" not in s:
+        c.fail(_join(where, "devices"), "is required (or devices_csv): the meters to poll")
+    elif not entries and not c.errors:
+        c.fail(_join(where, "devices"), "has no device (a modbus source needs at least one)")
+    maps: dict[str, Any] = {}
+    devices: list[dict] = []
+    names: dict[str, str] = {}
+    units: dict[tuple, str] = {}
+    lines: dict[str, tuple[str, dict]] = {}  # serial port -> (where, its settings)
+    for dw, d, from_csv in entries:
+        dev = _device(c, dw, d, timeout, retries, maps, c.base)
+        if dev is None:
+            continue
+        if dev["name"] in names:
+            c.fail(_join(dw, "name"), f"{_show(dev['name'])} is already the name of {names[dev['name']]}")
+        names.setdefault(dev["name"], dw)
+        bus = (dev["serial"],) if dev["transport"] == "rtu" else (dev["host"], dev["port"])
+        if (bus, dev["unit_id"]) in units:
+            c.fail(_join(dw, "unit_id"), f"{dev['unit_id']} is already the unit_id of {units[(bus, dev['unit_id'])]} "
+                                         "on the same line")
+        units.setdefault((bus, dev["unit_id"]), dw)
+        if dev["transport"] == "rtu":
+            line = {k: dev[k] for k in ("baudrate", "parity", "stopbits", "bytesize")}
+            first = lines.setdefault(dev["serial"], (dw, line))
+            for k, v in line.items():
+                if first[1][k] != v:
+                    c.fail(_join(dw, k), f"{_show(v)} differs from {first[0]}'s {_show(first[1][k])} on the same "
+                                         f"serial line {dev['serial']} (one bus, one setting)")
+        devices.append(dev)
+    if len(devices) > MAX_DEVICES:
+        c.fail(_join(where, "devices"), f"{len(devices)} devices is more than {MAX_DEVICES}")
+    src["devices"] = devices
+    return src
+
+
+def _device(c: _Checker, dw: str, d: Any, timeout: float, retries: int, maps: dict, base: Path) -> dict | None:
+    from gateway.readings import METER_TYPES
+    from gateway.registermap import load_map
+
+    required = {"unit_id", "site", "building", "map"}
+    d = c.mapping(dw, d, set(DEVICE_KEYS), required)
+    if not d:
+        return None
+    nonempty = lambda v: None if v else "must not be empty"  # noqa: E731
+    dev: dict[str, Any] = {
+        "unit_id": c.get(dw, d, "unit_id", int, None, check=between(1, 247)),
+        "site": c.get(dw, d, "site", str, None, check=topic_level("site")),
+        "building": c.get(dw, d, "building", str, None, check=nonempty),
+        "meter": c.get(dw, d, "meter", str, "electricity", check=one_of(*METER_TYPES)),
+        "host": c.get(dw, d, "host", str, None, check=nonempty),
+        "port": c.get(dw, d, "port", int, 502, check=between(1, 65535)),
+        "serial": c.get(dw, d, "serial", str, None, check=nonempty),
+        "baudrate": c.get(dw, d, "baudrate", int, 9600, check=one_of_int(1200, 2400, 4800, 9600, 19200, 38400,
+                                                                            57600, 115200)),
+        "parity": c.get(dw, d, "parity", str, "N", check=one_of("N", "E", "O")),
+        "stopbits": c.get(dw, d, "stopbits", int, 1, check=between(1, 2)),
+        "bytesize": c.get(dw, d, "bytesize", int, 8, check=between(7, 8)),
+        "max_power_kw": c.get(dw, d, "max_power_kw", (int, float), None, nullable=True, check=gt(0)),
+        "timeout_s": c.get(dw, d, "timeout_s", (int, float), timeout, check=between(0.05, 60)),
+        "retries": c.get(dw, d, "retries", int, retries, check=between(0, 10)),
+        "energy": c.get(dw, d, "energy", str, None, nullable=True),
+        "registers": c.get(dw, d, "registers", list, None, nullable=True),
+    }
+    default_transport = "rtu" if dev["serial"] and not dev["host"] else "tcp"
+    dev["transport"] = c.get(dw, d, "transport", str, default_transport, check=one_of("tcp", "rtu-over-tcp", "rtu"))
+    if dev["transport"] == "rtu":
+        if not dev["serial"] and "serial" not in d:
+            c.fail(_join(dw, "serial"), "is required with transport rtu (the serial port, e.g. /dev/ttyUSB0)")
+        if "host" in d:
+            c.fail(_join(dw, "host"), "is not used with transport rtu (give serial, or transport tcp)")
+    elif dev["transport"]:
+        if not dev["host"] and "host" not in d:
+            c.fail(_join(dw, "host"), f"is required with transport {dev['transport']} (or give serial for rtu)")
+        if "serial" in d:
+            c.fail(_join(dw, "serial"), f"is not used with transport {dev['transport']} (use transport rtu)")
+    m = c.get(dw, d, "map", str, None, check=nonempty)
+    rmap = None
+    if m is not None:
+        key = m if "/" not in m and not m.endswith((".yaml", ".yml")) else str(base / m)
+        if key not in maps:
+            try:
+                maps[key] = load_map(key)
+            except ConfigError as exc:
+                maps[key] = exc
+        rmap = maps[key]
+        if isinstance(rmap, ConfigError):
+            for e in getattr(rmap, "errors", [rmap]):
+                c.fail(_join(dw, "map"), f"{_show(m)} {e.message}" if e.path == m else f"{_show(m)}: {e}")
+            rmap = None
+        else:
+            dev["map"] = rmap
+    if rmap is not None:
+        names = {r.name for r in rmap.registers}
+        if dev["energy"] is not None:
+            if dev["energy"] not in names:
+                c.fail(_join(dw, "energy"), f"{_show(dev['energy'])} is not a register of {rmap.name} "
+                                            f"(its energy registers: {', '.join(r.name for r in rmap.of_meaning('energy'))})")
+            elif rmap.register(dev["energy"]).meaning != "energy":
+                c.fail(_join(dw, "energy"), f"{_show(dev['energy'])} is a power register, not an energy counter")
+        for k, n in enumerate(dev["registers"] or []):
+            if n not in names:
+                c.fail(f"{_join(dw, 'registers')}[{k}]", f"{_show(n)} is not a register of {rmap.name} "
+                                                         f"(it has: {', '.join(sorted(names))})")
+    if "name" in d:
+        dev["name"] = c.get(dw, d, "name", str, None, check=nonempty)
+    if not dev.get("name"):
+        dev["name"] = f"{dev['serial'] if dev['transport'] == 'rtu' else dev['host']}#{dev['unit_id']}"
+    if any(dev[k] is None for k in ("unit_id", "site", "building")) or rmap is None:
+        return None
+    return dev
+
+
+def one_of_int(*allowed: int) -> Callable[[Any], str | None]:
+    return lambda v: None if v in allowed else f"is not one of {', '.join(map(str, allowed))}"
+
+
+def _csv_devices(c: _Checker, where: str, path: Path) -> list[tuple[str, dict, bool]]:
+    """The devices of a CSV (a header of device keys, one device a row); each error names
+    ``<file>:<line>`` (the header is line 1)."""
+    import csv
+
+    out: list[tuple[str, dict, bool]] = []
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = csv.reader(f)
+            header = next(rows, None)
+            if not header:
+                c.fail(where, f"{path.name} is empty (it needs a header of device keys: {', '.join(DEVICE_KEYS)})")
+                return out
+            header = [h.strip() for h in header]
+            for h in header:
+                if h not in DEVICE_KEYS:
+                    near = difflib.get_close_matches(h, sorted(DEVICE_KEYS), n=1)
+                    hint = f"; did you mean {near[0]!r}?" if near else ""
+                    c.fail(f"{path.name}:1", f"column {h!r} is not a device key{hint} "
+                                             f"(allowed: {', '.join(sorted(DEVICE_KEYS))})")
+            if any(h not in DEVICE_KEYS for h in header):
+                return out
+            for row in rows:
+                line = rows.line_num
+                if not any(cell.strip() for cell in row):
+                    continue
+                lw = f"{path.name}:{line}"
+                if len(row) != len(header):
+                    c.fail(lw, f"{len(row)} cells, but the header has {len(header)}")
+                    continue
+                d: dict[str, Any] = {}
+                for h, cell in zip(header, row):
+                    cell = cell.strip()
+                    if cell == "":
+                        continue
+                    d[h] = _csv_value(c, _join(lw, h), DEVICE_KEYS[h], cell)
+                if len(out) >= MAX_DEVICES:
+                    c.fail(lw, f"more than {MAX_DEVICES} devices")
+                    break
+                out.append((lw, d, True))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        c.fail(where, f"{path.name}: cannot read the devices: {exc}")
+    return out
+
+
+def _csv_value(c: _Checker, where: str, kind: type | tuple, cell: str) -> Any:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if list in kinds:
+        return [part.strip() for part in cell.split(";") if part.strip()]
+    if int in kinds and float not in kinds:
+        try:
+            return int(cell)
+        except ValueError:
+            return cell  # c.get says it must be an integer
+    if float in kinds:
+        try:
+            return float(cell)
+        except ValueError:
+            return cell
+    return cell
 
 
 def _model_section(c: _Checker, top: dict) -> dict:

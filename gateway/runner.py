@@ -52,6 +52,14 @@ def build_source(spec: dict) -> Source:
         from gateway.sources.replay import ReplaySource
 
         return ReplaySource(spec["name"], spec["path"], speed=spec["speed"], batch_size=spec["batch_size"])
+    if spec["type"] == "modbus":
+        from gateway.sources.modbus import ModbusSource
+
+        # config.validate loaded each device's register map; the Gateway hands the source its
+        # Health (a meter that goes down shows as stage "meter <source>/<device>")
+        return ModbusSource(spec["name"], spec["devices"], interval_s=spec["interval_s"], jitter_s=spec["jitter_s"],
+                            max_spread_intervals=spec["max_spread_intervals"],
+                            backoff_max_intervals=spec["backoff_max_intervals"])
     from gateway.sources.simulator import SimulatorSource
 
     # config.validate turned `start` (text, or a YAML timestamp) into epoch ms; None = now
@@ -344,6 +352,8 @@ class Gateway:
 
     def start(self) -> "Gateway":
         for source in self.sources:
+            if hasattr(source, "health") and getattr(source, "health") is None:
+                source.health = self.health  # a source with parts of its own (meters) reports them here
             stage = self._stage(f"source {source.name}")
             t = threading.Thread(target=self._read, args=(source, stage), name=f"source-{source.name}", daemon=True)
             t.start()
