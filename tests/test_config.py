@@ -41,8 +41,15 @@ FORWARDER_KEYS = ("ack_timeout_s, auth_retry_s, backoff_max_s, backoff_min_s, ba
 
 @pytest.fixture
 def folder(tmp_path) -> Path:
-    """A config folder holding the replay file that MINIMAL points at."""
+    """A config folder holding the replay file that MINIMAL points at (and the files the modbus cases name)."""
     (tmp_path / "readings.csv").write_text("building_id,meter,timestamp,meter_reading,site_id\n")
+    (tmp_path / "bad-map.yaml").write_text("maker: X\nmodel: Y\ndocument: Z\nregisters:\n"
+                                           "  - {name: e, type: input, address: 0, data_type: f16, unit: kWh, "
+                                           "meaning: energy}\n")
+    (tmp_path / "devices.csv").write_text("name,map,host,unit_id,site,building,max_power_kw\n"
+                                          "a,eastron-sdm630,h,1,0,1,50\nb,eastron-sdm630,h,300,0,1,\n"
+                                          "a,schneider-iem3000,h,2,0,2,lots\n")
+    (tmp_path / "columns.csv").write_text("map,host,unitid,site,building\n")
     return tmp_path
 
 
@@ -152,6 +159,19 @@ def mqtt(keys: str) -> str:
     return MINIMAL.replace("{type: memory}", f"{{type: mqtt, endpoint: localhost, {given}}}")
 
 
+GOOD_DEVICE = "  - {map: eastron-sdm630, host: h, unit_id: 1, site: '0', building: '1'}\n"
+
+
+def modbus(devices: str | None, extra: str = "") -> str:
+    """MINIMAL with a second source, a modbus one with ``devices`` (YAML list items) and ``extra`` keys."""
+    text = "  - type: modbus\n"
+    if extra:
+        text += f"    {extra}\n"
+    if devices is not None:
+        text += "    devices:\n" + "".join("    " + line + "\n" for line in devices.splitlines())
+    return MINIMAL.replace("publisher:", text + "publisher:")
+
+
 CASES = [
     # missing required sections
     ("missing-required", "app: meters\n",
@@ -183,9 +203,60 @@ CASES = [
      ["publisher.ca: is required", "publisher.key: is required", "publisher.endpoint: '' must not be empty",
       "publisher.port: 70000 is out of range 1..65535", "publisher.cert: c.pem does not exist"]),
     ("source-without-type", MINIMAL.replace("  - type: replay\n    path", "  - path"),
-     ["sources[0].type: is required: one of replay, simulator"]),
-    ("source-unknown-type", MINIMAL.replace("type: replay", "type: modbus"),
-     ["sources[0].type: 'modbus' is not one of replay, simulator"]),
+     ["sources[0].type: is required: one of replay, simulator, modbus"]),
+    ("source-unknown-type", MINIMAL.replace("type: replay", "type: bacnet"),
+     ["sources[0].type: 'bacnet' is not one of replay, simulator, modbus"]),
+    # modbus devices and register maps
+    ("modbus-without-devices", modbus(None), ["sources[1].devices: is required (or devices_csv): the meters to poll"]),
+    ("modbus-unit-id-out-of-range", modbus(GOOD_DEVICE * 3 + GOOD_DEVICE.replace("unit_id: 1", "unit_id: 300")),
+     ["sources[1].devices[1].name: 'h#1' is already the name of sources[1].devices[0]",
+      "sources[1].devices[1].unit_id: 1 is already the unit_id of sources[1].devices[0] on the same line",
+      "sources[1].devices[2].name: 'h#1' is already the name of sources[1].devices[0]",
+      "sources[1].devices[2].unit_id: 1 is already the unit_id of sources[1].devices[0] on the same line",
+      "sources[1].devices[3].unit_id: 300 is out of range 1..247"]),
+    ("modbus-device-keys", modbus(GOOD_DEVICE.replace("unit_id: 1", "unit_id: 2, meter: gas, port: 0, parity: X, "
+                                                                    "transport: udp, max_power_kw: -1, uint_id: 3")),
+     ["sources[1].devices[0].uint_id: unknown key; did you mean 'unit_id'? (allowed: baudrate, building, bytesize, "
+      "energy, host, map, max_power_kw, meter, name, parity, port, registers, retries, serial, site, stopbits, "
+      "timeout_s, transport, unit_id)",
+      "sources[1].devices[0].meter: 'gas' is not one of electricity, chilledwater, steam, hotwater",
+      "sources[1].devices[0].port: 0 is out of range 1..65535",
+      "sources[1].devices[0].parity: 'X' is not one of N, E, O",
+      "sources[1].devices[0].max_power_kw: -1 must be > 0",
+      "sources[1].devices[0].transport: 'udp' is not one of tcp, rtu-over-tcp, rtu"]),
+    ("modbus-required-device-keys", modbus("  - {host: h}\n"),
+     ["sources[1].devices[0].building: is required", "sources[1].devices[0].map: is required",
+      "sources[1].devices[0].site: is required", "sources[1].devices[0].unit_id: is required"]),
+    ("modbus-rtu-needs-serial", modbus(GOOD_DEVICE.replace("host: h", "transport: rtu")),
+     ["sources[1].devices[0].serial: is required with transport rtu (the serial port, e.g. /dev/ttyUSB0)"]),
+    ("modbus-one-serial-line-one-setting",
+     modbus(GOOD_DEVICE.replace("host: h", "serial: /dev/ttyS9")
+            + GOOD_DEVICE.replace("host: h", "serial: /dev/ttyS9, baudrate: 19200").replace("unit_id: 1", "unit_id: 2")),
+     ["sources[1].devices[1].baudrate: 19200 differs from sources[1].devices[0]'s 9600 on the same serial line "
+      "/dev/ttyS9 (one bus, one setting)"]),
+    ("modbus-unknown-map", modbus(GOOD_DEVICE.replace("eastron-sdm630", "eastron-sdm63")),
+     ["sources[1].devices[0].map: 'eastron-sdm63' is not a shipped register map (shipped: carlo-gavazzi-em24, "
+      "eastron-sdm630, schneider-iem3000) nor a map file"]),
+    ("modbus-map-register-names", modbus(GOOD_DEVICE.replace("unit_id: 1", "unit_id: 1, energy: total_system_power, "
+                                                                           "registers: [total_kwh, volts]")),
+     ["sources[1].devices[0].energy: 'total_system_power' is a power register, not an energy counter",
+      "sources[1].devices[0].registers[1]: 'volts' is not a register of eastron-sdm630 (it has: total_import_kwh, "
+      "total_kwh, total_system_power)"]),
+    ("modbus-bad-map-file", modbus(GOOD_DEVICE.replace("eastron-sdm630", "bad-map.yaml")),
+     ["sources[1].devices[0].map: 'bad-map.yaml': bad-map.yaml: registers[0].data_type: 'f16' is not one of u16, "
+      "i16, u32, i32, u64, f32, f64"]),
+    ("modbus-missing-map-file", modbus(GOOD_DEVICE.replace("eastron-sdm630", "maps/none.yaml")),
+     ["sources[1].devices[0].map: 'maps/none.yaml': {folder}/maps/none.yaml: register map: no such file"]),
+    ("modbus-devices-csv", modbus(None, "devices_csv: devices.csv"),
+     ["devices.csv:3.unit_id: 300 is out of range 1..247",
+      "devices.csv:4.max_power_kw: 'lots' must be a number or null",
+      "devices.csv:4.name: 'a' is already the name of devices.csv:2"]),
+    ("modbus-devices-csv-bad-column", modbus(None, "devices_csv: columns.csv"),
+     ["columns.csv:1: column 'unitid' is not a device key; did you mean 'unit_id'? (allowed: baudrate, building, "
+      "bytesize, energy, host, map, max_power_kw, meter, name, parity, port, registers, retries, serial, site, "
+      "stopbits, timeout_s, transport, unit_id)"]),
+    ("modbus-devices-csv-missing", modbus(None, "devices_csv: nope.csv"),
+     ["sources[1].devices_csv: nope.csv does not exist"]),
     ("replay-without-path", MINIMAL.replace("    path: readings.csv\n", ""),
      ["sources[0].path: is required"]),
     # unknown keys, with a suggestion when one is close
