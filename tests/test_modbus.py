@@ -255,3 +255,19 @@ def test_the_source_cannot_wait_and_rejected_records_say_where():
     src, _ = source([])
     assert src.can_wait is False
     assert Rejected._fields == ("reason", "raw", "source", "where")
+
+
+def test_a_config_builds_the_source_and_a_gateway_gives_it_its_health(tmp_path):
+    from gateway.config import validate
+    from gateway.runner import build_source
+
+    cfg = validate({"thing": "t", "publisher": {"type": "memory"}, "sources": [
+        {"type": "modbus", "name": "site-a", "jitter_s": 5, "devices": [
+            {"map": "carlo-gavazzi-em24", "host": "127.0.0.1", "port": 1502, "unit_id": 4, "site": "3",
+             "building": "7", "meter": "hotwater", "max_power_kw": 80}]}]}, tmp_path)
+    src = build_source(cfg.sources[0])
+    assert isinstance(src, ModbusSource) and src.can_wait is False and src.health is None
+    (d,) = src.devices
+    assert (d.name, d.unit_id, d.meter, d.max_power_kw, d.energy_register.name) == (
+        "127.0.0.1#4", 4, "hotwater", 80, "kwh_import_total")
+    assert 0 <= src._jitter(d) < 5
