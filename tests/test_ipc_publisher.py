@@ -382,6 +382,35 @@ def test_an_owned_client_is_replaced_after_the_socket_closes(opened):
     nuclei[1].client.close.assert_called_once()
 
 
+@pytest.mark.parametrize("delivery", ["handoff", "receipt"])
+def test_subscribing_on_a_connection_that_just_closed_is_a_lost_connection_not_a_missing_operation(opened, delivery):
+    # awscrt raises a bare RuntimeError for a stream opened on a connection that has just closed
+    # (seen against the local nucleus restarting); it once made the publisher take IoT Core as
+    # connected on a dead client and wait resubscribe_s before it reconnected
+    closed = RuntimeError("4104 (AWS_ERROR_EVENT_STREAM_RPC_CONNECTION_CLOSED): event stream rpc connection has "
+                          "been closed")
+    nuclei = [Nucleus(), Nucleus()]
+    made: list[Nucleus] = []
+
+    def connect():
+        made.append(nuclei[len(made)])
+        return made[-1].client
+
+    pub = opened(None, THING, delivery=delivery, connect=connect, reconnect_s=0.0, poll_s=0.01, resubscribe_s=600)
+    nuclei[0].status("CONNECTED")
+    assert pub.connected
+    for name in ("subscribe_to_iot_core_connection_status", "subscribe_to_iot_core"):
+        getattr(nuclei[0].client, name).side_effect = closed
+    nuclei[0].status_ops[0][0]["on_stream_closed"]()
+    if delivery == "receipt":
+        nuclei[0].receipt_ops[0][0]["on_stream_closed"]()
+    nuclei[1].wait(lambda: nuclei[1].status_ops)  # a new connection, at once
+    assert not pub.connected  # nothing assumed: the new nucleus says
+    nuclei[1].status("CONNECTED")
+    assert pub.connected
+    assert type(map_ipc_error(closed, TOPIC)) is RetryableError and "IPC connection" in str(map_ipc_error(closed))
+
+
 def test_outside_greengrass_an_owned_client_is_a_config_error(monkeypatch):
     for name in ("SVCUID", "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT"):
         monkeypatch.delenv(name, raising=False)

@@ -107,6 +107,14 @@ UNDELIVERABLE_REASONS = (
 #: What the SDK raises when the IPC socket (or the stream on it) is gone.
 CONNECTION_ERRORS = (rpc.ConnectionClosedError, rpc.StreamClosedError, rpc.EventStreamError, AwsCrtError,
                      OSError, CancelledError)
+#: awscrt's binding raises a bare RuntimeError, "4104 (AWS_ERROR_EVENT_STREAM_RPC_CONNECTION_CLOSED): ...",
+#: for an operation started on a connection that has just closed (before the SDK marks it closed).
+CONNECTION_CLOSED_CRT = "AWS_ERROR_EVENT_STREAM_RPC_CONNECTION_CLOSED"
+
+
+def connection_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` says the IPC connection to the nucleus is gone (not a refusal by the nucleus)."""
+    return isinstance(exc, CONNECTION_ERRORS) or (isinstance(exc, RuntimeError) and CONNECTION_CLOSED_CRT in str(exc))
 
 _QOS = {0: model.QOS.AT_MOST_ONCE, 1: model.QOS.AT_LEAST_ONCE}
 _BATCH_HEAD = b'{"batch":"'
@@ -146,7 +154,7 @@ def map_ipc_error(exc: BaseException, topic: str = "") -> PublishError:
             err = UndeliverableError(f"the nucleus refused the publish{where}: {text}")
         else:
             err = RetryableError(f"publish{where} failed in the nucleus: {why}")
-    elif isinstance(exc, CONNECTION_ERRORS):
+    elif connection_gone(exc):
         err = RetryableError(f"publish{where} failed: the IPC connection to the nucleus is gone ({why})")
     else:
         err = RetryableError(f"publish{where} failed: {why}")
@@ -391,7 +399,7 @@ class IpcPublisher:
 
     def _failed(self, entry: _Pending, exc: BaseException) -> None:
         err = map_ipc_error(exc, entry.topic)
-        if isinstance(exc, rpc.ConnectionClosedError):
+        if isinstance(exc, rpc.ConnectionClosedError) or (isinstance(exc, RuntimeError) and connection_gone(exc)):
             self._lost(exc)
         if isinstance(err, RetryableError) and isinstance(exc, model.ServiceError):
             self._note_spool(exc)
@@ -556,10 +564,11 @@ class IpcPublisher:
             _, op = client.subscribe_to_iot_core_connection_status(
                 on_stream_event=self._on_status, on_stream_error=self._stream_error,
                 on_stream_closed=lambda: self._status_closed(gen))
-        except CONNECTION_ERRORS as exc:
-            self._lost(exc)
-            return
-        except Exception as exc:  # a nucleus without the operation: follow the IPC connection only
+        except Exception as exc:
+            if connection_gone(exc):
+                self._lost(exc)
+                return
+            # a nucleus without the operation: follow the IPC connection only
             with self._lock:
                 self._status_assumed = True
             self._warn_once("status", logging.WARNING, "ipc: cannot follow IoT Core's connection status (%s); "
@@ -583,10 +592,10 @@ class IpcPublisher:
             _, op = client.subscribe_to_iot_core(
                 topic_name=self.receipt_topic, qos=model.QOS.AT_LEAST_ONCE, on_stream_event=self._on_receipt,
                 on_stream_error=self._stream_error, on_stream_closed=lambda: self._receipts_closed(gen))
-        except CONNECTION_ERRORS as exc:
-            self._lost(exc)
-            return
         except Exception as exc:
+            if connection_gone(exc):
+                self._lost(exc)
+                return
             with self._lock:
                 self._next_receipt = self.clock() + self.resubscribe_s
             if isinstance(exc, model.UnauthorizedError):
