@@ -341,7 +341,7 @@ def test_a_memory_spool_that_overflows_and_dies_with_the_nucleus(delivery, tmp_p
             assert spooled.messages >= 6 and spooled.queued >= 1
             broker.resume()
             nucleus.start()
-            assert wait_for(lambda: buf.pending() == 0 and fwd.messages_in_flight == 0, 40), buf.pending()
+            assert wait_for(lambda: buf.pending() == 0 and fwd.messages_in_flight == 0), buf.pending()
         assert nucleus.bridge.wait_spool_empty(WAIT)
         last = message(1, value=-1.0)  # after everything else: once it is in, the rest is too
         assert pub.publish(TOPIC, last).result(WAIT) is None
