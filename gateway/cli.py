@@ -431,6 +431,82 @@ def build(component: str, platform: str | None, python_version: str | None, vers
     click.echo(f"built {built.component} {built.version}")
 
 
+@main.group()
+def simulate() -> None:
+    """Run simulated devices for a gateway to read."""
+
+
+@simulate.command("modbus")
+@click.option("--meters", type=int, default=None,
+              help="How many meters [default: 100; with --replay, the file's meters].")
+@click.option("--ports", type=int, default=1, show_default=True, help="TCP ports (247 unit ids each).")
+@click.option("--base-port", type=int, default=5020, show_default=True, help="The first port (0: any free ones).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--map", "map_name", default="eastron-sdm630", show_default=True,
+              help="Register map of every meter (a shipped name or a file).")
+@click.option("--maps", "maps_mode", type=click.Choice(["mixed"]), help="mixed: the shipped maps in turn.")
+@click.option("--replay", type=click.Path(exists=True, dir_okay=False),
+              help="Counters from this ASHRAE-columns file (hourly) instead of the simulator's shapes.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--speed", type=float, default=None, help="Fleet time runs this many times faster than the clock.")
+@click.option("--timeout", "timeouts", multiple=True, metavar="P:U",
+              help="Meter at port index P, unit U never answers (repeatable).")
+@click.option("--exception", "exceptions", multiple=True, metavar="P:U[=CODE]",
+              help="Meter answers Modbus exception CODE (default --exception-code) (repeatable).")
+@click.option("--reset", "resets", multiple=True, metavar="P:U[=SECONDS]",
+              help="Meter's counter goes to 0 SECONDS of fleet time after the start (default 60) (repeatable).")
+@click.option("--rollover", "rollovers", multiple=True, metavar="P:U",
+              help="Meter's counters start just below their wrap (repeatable).")
+@click.option("--timeout-rate", type=float, default=0.0, show_default=True, help="Share of requests not answered.")
+@click.option("--exception-rate", type=float, default=0.0, show_default=True,
+              help="Share of requests answered with an exception.")
+@click.option("--exception-code", type=int, default=4, show_default=True, help="The exception code injected.")
+@click.option("--reset-rate", type=float, default=0.0, show_default=True,
+              help="Chance per meter per interval that its counter goes to 0.")
+@click.option("--rollover-rate", type=float, default=0.0, show_default=True,
+              help="Share of meters whose counters start just below their wrap.")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False), default="var/modbus-fleet/injected.jsonl",
+              show_default=True, help="What was injected (.csv: CSV, else JSON lines).")
+@click.option("--devices-csv", type=click.Path(dir_okay=False), default="var/modbus-fleet/devices.csv",
+              show_default=True, help="Where to write the devices CSV a gateway's modbus source reads.")
+def simulate_modbus(meters, ports, base_port, host, map_name, maps_mode, replay, seed, speed, timeouts, exceptions,
+                    resets, rollovers, timeout_rate, exception_rate, exception_code, reset_rate, rollover_rate,
+                    log_path, devices_csv) -> None:
+    """Serve a simulated fleet of Modbus TCP meters (cumulative energy counters and power in the
+    shipped register maps' layouts) until Ctrl-C or SIGTERM."""
+    import threading
+
+    from emulator.modbus_fleet import FleetServer, parse_targets
+    from gateway.registermap import shipped
+
+    try:
+        fleet = FleetServer(
+            meters=meters if meters is not None or replay else 100, ports=ports, base_port=base_port, host=host,
+            maps=shipped() if maps_mode == "mixed" else [map_name], replay=replay, seed=seed, speed=speed,
+            timeouts=[(p, u) for p, u, _ in parse_targets(timeouts, "--timeout")],
+            exceptions={(p, u): int(a) if a else None for p, u, a in parse_targets(exceptions, "--exception")},
+            resets={(p, u): float(a) if a else 60.0 for p, u, a in parse_targets(resets, "--reset")},
+            rollovers=[(p, u) for p, u, _ in parse_targets(rollovers, "--rollover")],
+            timeout_rate=timeout_rate, exception_rate=exception_rate, exception_code=exception_code,
+            reset_rate=reset_rate, rollover_rate=rollover_rate, log_path=log_path, devices_csv=devices_csv,
+        )
+        fleet.start()
+    except (GatewayError, ValueError) as exc:
+        _fail(exc)
+    first, last = fleet.ports[0], fleet.ports[-1]
+    click.echo(f"serving {len(fleet.devices)} meters on {host}:{first}" + (f"..{last}" if last != first else "")
+               + f"; devices in {devices_csv}, injections logged to {log_path}")
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        fleet.stop()
+    click.echo(f"stopped: {fleet.requests:,} requests served, {len(fleet.injected):,} faults injected")
+
+
 class _NucleusGroup(click.Group):
     """``gateway nucleus``: the local Greengrass nucleus of :mod:`emulator.nucleus.cli`, imported
     only when the command is used (the emulator is never needed on a device)."""
