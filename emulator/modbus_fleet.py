@@ -10,7 +10,8 @@ pymodbus server per port, all on one asyncio loop in a thread of their own::
 
 **What a meter shows.** Each meter's registers are laid out by a shipped register map
 (:mod:`gateway.registermap`; ``maps`` cycles over the meters) and computed when a client reads
-them, at the fleet's clock:
+them, at the fleet's clock (a read of an unmapped address is answered with exception 2, and
+one of more registers than the map's ``max_count`` with exception 3, as the meters do):
 
 - every ``energy`` register holds a **cumulative counter**: the meter's initial reading plus the
   sum of its interval energy so far, in the register's unit and scale (an integer register holds
@@ -65,7 +66,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
@@ -73,14 +74,16 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from gateway.errors import ConfigError, GatewayError
-from gateway.registermap import DATA_TYPES, Register, RegisterMap, encode, load_map, shipped, words
+from gateway.registermap import DATA_TYPES, Register, RegisterMap, encode, load_map, words
 
 __all__ = ["FleetServer", "Device", "Injection", "DEVICE_COLUMNS", "MAX_UNITS", "KINDS"]
 
 #: Unit ids a port can serve (Modbus: 1..247).
 MAX_UNITS = 247
-#: The columns of the devices CSV (the modbus source's ``devices_csv``).
-DEVICE_COLUMNS = ("host", "port", "unit_id", "map", "site", "building", "meter", "max_power_kw")
+#: The columns of the devices CSV (the modbus source's ``devices_csv``). ``name`` is
+#: ``<host>:<port>#<unit_id>``: the source's default name, ``<host>#<unit_id>``, repeats on a
+#: second port of one host.
+DEVICE_COLUMNS = ("name", "host", "port", "unit_id", "map", "site", "building", "meter", "max_power_kw")
 #: The kinds of fault, as recorded.
 KINDS = ("timeout", "exception", "reset", "rollover")
 
@@ -93,6 +96,7 @@ _FC_KIND = {3: "holding", 4: "input"}
 class Device(NamedTuple):
     """One served meter, as a row of the devices CSV."""
 
+    name: str
     host: str
     port: int
     unit_id: int
@@ -393,6 +397,7 @@ class FleetServer:
         self.exception_code = int(exception_code)
         self._ExcCodes = ExcCodes
         self._maps = [load_map(m) for m in maps]
+        self._map_names = {id(regmap): str(given) for regmap, given in zip(self._maps, maps)}  # as given: loadable
         if clock is None:
             if speed is None or speed == 1:
                 clock = time.time
@@ -477,7 +482,8 @@ class FleetServer:
     def devices(self) -> list[Device]:
         """The served meters as devices-CSV rows (ports are real once started)."""
         c = self._consumption
-        return [Device(self.host, self.ports[m.port_index], m.unit, m.map.name, c.sites[m.index],
+        return [Device(f"{self.host}:{self.ports[m.port_index]}#{m.unit}", self.host, self.ports[m.port_index], m.unit,
+                       self._map_names[id(m.map)], c.sites[m.index],
                        c.buildings[m.index], c.meter_types[m.index], float(c.max_power_kw[m.index]))
                 for m in self._meters]
 
@@ -610,6 +616,8 @@ class FleetServer:
         kind = _FC_KIND.get(function_code)
         if kind is None:
             return self._ExcCodes.ILLEGAL_FUNCTION
+        if count > m.map.max_count:  # as the meter does (the EM24 answers at most 11 registers)
+            return self._ExcCodes.ILLEGAL_VALUE
         t_ms = self._counters.advance(self.now_ms())
         counters = self._counters
         end = address + count

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import csv
-import math
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +15,7 @@ from pymodbus.exceptions import ModbusException
 
 from emulator.modbus_fleet import DEVICE_COLUMNS, FleetServer
 from gateway.errors import ConfigError
-from gateway.registermap import DATA_TYPES, decode, extract, load_map, plan, shipped
+from gateway.registermap import DATA_TYPES, decode, extract, load_map
 from gateway.sources.simulator import SimulatorSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +38,7 @@ def read(device, timeout: float = 2.0) -> dict[str, float]:
     regmap = load_map(device.map)
     answers = {}
     with ModbusTcpClient(device.host, port=device.port, timeout=timeout, retries=0) as client:
-        for kind, start, count in plan(regmap.registers, max_gap=regmap.max_gap):
+        for kind, start, count in regmap.plan():
             fn = client.read_holding_registers if kind == "holding" else client.read_input_registers
             rr = fn(start, count=count, device_id=device.unit_id)
             if rr.isError():
@@ -126,8 +123,24 @@ def test_requests_are_counted_per_meter(clock):
         d = fleet.devices[1]
         read(d)
         regmap = load_map(d.map)
-        assert fleet.requests_by[(d.port, d.unit_id)] == len(plan(regmap.registers, max_gap=regmap.max_gap))
+        assert fleet.requests_by[(d.port, d.unit_id)] == len(regmap.plan())
         assert fleet.requests == fleet.requests_by[(d.port, d.unit_id)]
+
+
+def test_a_request_longer_than_the_maps_max_count_or_over_a_gap_is_refused(clock, tmp_path):
+    path = tmp_path / "capped.yaml"
+    regs = "".join(f"  - {{name: e{i}, type: input, address: {10 + i}, data_type: u16, unit: kWh, meaning: energy}}\n"
+                   for i in range(12))
+    path.write_text(f"maker: test\nmodel: capped\ndocument: none\nmax_count: 11\nregisters:\n{regs}")
+    with FleetServer(meters=1, base_port=0, maps=[str(path)], clock=clock) as fleet:
+        d = fleet.devices[0]
+        with ModbusTcpClient(d.host, port=d.port, timeout=2, retries=0) as client:
+            too_long = client.read_input_registers(10, count=12, device_id=1)
+            unmapped = client.read_input_registers(9, count=2, device_id=1)
+        assert too_long.isError() and too_long.exception_code == 3
+        assert unmapped.isError() and unmapped.exception_code == 2
+        assert len(load_map(path).plan()) == 2
+        assert len(set(read(d).values())) == 1  # plan()'s two requests are answered, every counter alike
 
 
 def test_timeout_per_unit_answers_nothing_and_is_recorded(clock, tmp_path):
@@ -252,9 +265,21 @@ def test_devices_csv_is_written(clock, tmp_path):
     with FleetServer(meters=5, ports=2, base_port=0, maps=MIXED, clock=clock, devices_csv=path) as fleet:
         rows = list(csv.DictReader(path.open()))
         assert tuple(rows[0]) == DEVICE_COLUMNS
-        assert [(r["host"], int(r["port"]), int(r["unit_id"]), r["map"]) for r in rows] == [
-            (d.host, d.port, d.unit_id, d.map) for d in fleet.devices]
+        assert [(r["name"], r["host"], int(r["port"]), int(r["unit_id"]), r["map"]) for r in rows] == [
+            (f"{d.host}:{d.port}#{d.unit_id}", d.host, d.port, d.unit_id, d.map) for d in fleet.devices]
         assert all(float(r["max_power_kw"]) > 0 and r["meter"] and r["building"] and r["site"] for r in rows)
+
+
+def test_the_devices_csv_is_a_valid_modbus_source(clock, tmp_path):
+    from gateway import config as cfg
+
+    path = tmp_path / "devices.csv"
+    with FleetServer(meters=500, ports=3, base_port=0, maps=MIXED, clock=clock, devices_csv=path):
+        raw = {"thing": "gw-1", "sources": [{"type": "modbus", "name": "fleet", "devices_csv": str(path)}],
+               "publisher": {"type": "memory"}, "buffer": {"path": str(tmp_path / "buffer.db")}}
+        source = cfg.validate(raw, tmp_path).sources[0]
+    devices = source["devices"] if isinstance(source, dict) else source.devices
+    assert len(devices) == 500
 
 
 def test_replay_of_the_ashrae_sample(clock):
@@ -298,12 +323,12 @@ def test_gateway_simulate_modbus_serves_until_interrupted(tmp_path):
         d = next(r for r in rows if r["unit_id"] == "5")
         from emulator.modbus_fleet import Device
 
-        assert read(Device(d["host"], int(d["port"]), 5, d["map"], "", "", "", 0.0))
+        assert read(Device(d["name"], d["host"], int(d["port"]), 5, d["map"], "", "", "", 0.0))
         faulty = rows[130 + 2]  # rows are in meter order: port index 1 starts at the 131st
         port = int(faulty["port"])
         assert faulty["unit_id"] == "3" and port != int(rows[0]["port"])
         with pytest.raises(AssertionError, match="^exception 6$"):
-            read(Device(faulty["host"], port, 3, faulty["map"], "", "", "", 0.0))
+            read(Device(faulty["name"], faulty["host"], port, 3, faulty["map"], "", "", "", 0.0))
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
