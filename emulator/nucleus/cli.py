@@ -1,8 +1,9 @@
 """``gateway nucleus``: run the local nucleus, and greengrass-cli's verbs against it.
 
 ``gateway nucleus --root DIR --thing NAME`` runs a nucleus in the foreground (an in-memory IoT
-Core, or ``--broker host:port --certs DIR`` for a mosquitto from :mod:`emulator.broker`); Ctrl-C
-or SIGTERM stops every component with its shutdown step. The other verbs are clients: they talk
+Core, or ``--broker host:port --certs DIR`` for a mosquitto from :mod:`emulator.broker`, with
+``--config FILE`` for the nucleus's own configuration, e.g. its spooler); Ctrl-C or SIGTERM
+stops every component with its shutdown step. The other verbs are clients: they talk
 to the nucleus running on ``--root`` over its IPC socket, with the awsiotsdk
 ``GreengrassCoreIPCClientV2`` and the token the nucleus wrote to ``<root>/cli/token``, as
 greengrass-cli does.
@@ -58,46 +59,51 @@ def _call(fn, *args, **kwargs):
 @click.option("--broker", help="host:port of the MQTT broker standing in for IoT Core (default: in memory).")
 @click.option("--certs", type=click.Path(file_okay=False),
               help="Folder of make_certs output: ca.crt, client-<thing>.crt and .key (with --broker).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="The nucleus's configuration (YAML or JSON: {mqtt: {spooler: ...}}, or config.yaml's "
+                   "services.aws.greengrass.Nucleus.configuration); kept in the root for later starts.")
 @click.pass_context
-def nucleus(ctx: click.Context, root: str | None, thing: str | None, broker: str | None, certs: str | None) -> None:
+def nucleus(ctx: click.Context, root: str | None, thing: str | None, broker: str | None, certs: str | None,
+            config_file: str | None) -> None:
     """Run a local Greengrass nucleus, or manage the one on --root (greengrass-cli's verbs)."""
     if ctx.invoked_subcommand is not None:
         return
     if not root or not thing:
         _fail("gateway nucleus needs --root DIR and --thing NAME to start a nucleus")
-    from emulator.nucleus.kernel import Nucleus
+    from emulator.nucleus.kernel import Endpoint, Nucleus, read_config
+    from gateway.errors import ConfigError
 
-    bridge = iotcore = None
-    if broker:
-        if not certs:
-            _fail("--broker needs --certs DIR")
-        from emulator.nucleus.iotcore import IotCoreBridge, MqttProxyBridge
-
-        host, _, port = broker.rpartition(":")
-        if not host or not port.isdigit():
-            _fail(f"--broker {broker!r} is not host:port")
-        d = Path(certs)
-        bridge = IotCoreBridge(host, int(port), thing, d / f"client-{thing}.crt", d / f"client-{thing}.key",
-                               d / "ca.crt").start()
-        iotcore = MqttProxyBridge(bridge)
+    endpoint = None
+    try:
+        config = read_config(config_file) if config_file else None
+        if broker:
+            if not certs:
+                _fail("--broker needs --certs DIR")
+            host, _, port = broker.rpartition(":")
+            if not host or not port.isdigit():
+                _fail(f"--broker {broker!r} is not host:port")
+            endpoint = Endpoint.from_certs(host, int(port), certs, thing)
+        elif certs:
+            _fail("--certs needs --broker HOST:PORT")
+        Path(root).mkdir(parents=True, exist_ok=True)
+        node = Nucleus(root, thing, endpoint=endpoint, config=config)
+    except ConfigError as exc:
+        _fail(f"--config {config_file}: {exc}" if config_file and exc.path.startswith("mqtt") else str(exc))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    Path(root).mkdir(parents=True, exist_ok=True)
-    node = Nucleus(root, thing, iotcore=iotcore)
     try:
         node.start()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ConfigError) as exc:
         _fail(f"the nucleus cannot start on {root}: {exc}")
-    click.echo(f"nucleus running on {node.root} for {thing} ({'broker ' + broker if broker else 'in-memory IoT Core'}); "
-               "Ctrl-C stops it")
+    where = f"IoT Core at {broker} (spooler {node.bridge.spool_config.storage_type})" if broker else \
+        "in-memory IoT Core"
+    click.echo(f"nucleus running on {node.root} for {thing} ({where}); Ctrl-C stops it")
     try:
         stop.wait()
     finally:
         click.echo("stopping every component")
         node.stop()
-        if bridge is not None:
-            bridge.close()
 
 
 @nucleus.group()
