@@ -36,7 +36,9 @@ service runs them:
    is started again.
 7. **Wait** until every component started by the deployment is RUNNING or FINISHED (a BROKEN one
    fails the deployment: "Service <c> in broken state after deployment"; no rollback, as for a
-   local deployment), then ``PostComponentUpdateEvent``.
+   local deployment). ``PostComponentUpdateEvent`` follows, also when a step from 5 on failed (as the
+   nucleus sends it after its update action whatever the outcome), so a component that held its
+   work for the offer goes on.
 
 The result is kept in ``<root>/deployments/<id>.json``; the deployed set (roots, versions,
 configurations) in ``<root>/config/deployed.json``, from which the nucleus starts again.
@@ -434,7 +436,16 @@ class Deployer:
         added = [n for n in new if n not in self.deployed]
         if removed or replaced or reconfigured or added:
             self._offer(rec)
+        try:
+            self._apply(rec, new, roots, prepared, configs, removed, replaced, reconfigured, restart, added)
+        finally:
+            # Sent whatever the outcome, as the nucleus's UpdateSystemPolicyService does after the
+            # update action: a component that held its work for the update goes on.
+            self.server.lifecycle.post_update(rec.deployment_id)
 
+    def _apply(self, rec: Record, new: dict[str, Recipe], roots: dict, prepared: dict, configs: dict,
+               removed: list, replaced: list, reconfigured: list, restart: list, added: list) -> None:
+        """Steps 5 to 7 of the module doc."""
         for name in reconfigured + replaced:
             if self.server.config.has_validator(name):
                 proposed = {k: v for k, v in configs[name].items() if k != "accessControl"}
@@ -480,7 +491,6 @@ class Deployer:
         for name in restart:
             self.runner.service(name).request_restart()
         self._settle(started + restart)
-        self.server.lifecycle.post_update(rec.deployment_id)
 
     def _settle(self, names: list[str]) -> None:
         deadline = time.monotonic() + self.settle_timeout
