@@ -10,6 +10,13 @@
   buffer) to a local mosquitto over mutual TLS, flow control off, against a bare awscrt MQTT5
   client publishing the same payloads with the same window. A stall or a retried publish
   fails the stage.
+- **drain over IPC**: the same backlog, drained by the forwarder through the IPC publisher
+  (handoff) over the real awsiotsdk ``GreengrassCoreIPCClientV2`` to the local nucleus, run in
+  its own process as on a device, whose IoT Core bridge publishes into mosquitto (flow control
+  off, the nucleus's default ``maxInFlightPublishes``); timed until every reading is
+  acknowledged and has arrived at a subscriber, against the direct drain of the same run. The
+  spool holds the whole backlog (measured: the path, not backpressure); again at the
+  nucleus's default 2.5 MiB spool, refusals counted.
 - **wire bytes per reading**: MQTT PUBLISH packets (fixed header, topic, packet id, properties
   length, payload) divided by readings, raw and scored; TLS record overhead is not counted.
   Readings per message as the forwarder makes them, on the simulated reference fleet and on
@@ -36,8 +43,10 @@ is on a real disk (``tmpfs`` reports no ``write_bytes``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import resource
 import sqlite3
 import tempfile
@@ -394,6 +403,332 @@ def bench_drain(readings: list[Reading], window: int = 64, timeout_s: float = 60
         "wire_bytes_per_reading": figures["wire_bytes_per_raw_reading"],
         "payload_bytes_per_reading": figures["payload_bytes_per_raw_reading"],
         **figures,
+    }
+
+
+# ---------------------------------------------------------------------------------- drain over IPC
+
+#: The nucleus's ``mqtt.spooler.maxSizeInBytes`` default (2.5 MiB).
+NUCLEUS_DEFAULT_SPOOL_BYTES = int(2.5 * 1024 * 1024)
+#: The component the gateway runs as, and the one policy the drain needs.
+IPC_COMPONENT = "org.metergateway.Gateway"
+IPC_ACL = {"aws.greengrass.ipc.mqttproxy": {"bench:mqtt:1": {
+    "operations": ["aws.greengrass#PublishToIoTCore"], "resources": ["dt/meters/+/{iot:thingName}/#"]}}}
+IPC_SUBSCRIBER = "bench-subscriber"
+_HEAD = re.compile(rb'\{"batch":"([0-9a-f]{16})".*?"n":(\d+),', re.S)
+
+
+def ipc_spool_bytes(payload_bytes: int) -> int:
+    """A spool that never refuses: room for the whole backlog at once (twice its payload bytes,
+    in whole MiB, never below the nucleus's default), so the drain measures the path, not the
+    backpressure of a full spool. (Only payload bytes count against ``maxSizeInBytes``.)"""
+    mib = 1024 * 1024
+    return max(NUCLEUS_DEFAULT_SPOOL_BYTES, -(-2 * payload_bytes // mib) * mib)
+
+
+def _nucleus_main() -> None:
+    """The local nucleus for :func:`bench_ipc_drain`, in its own process as on a device: an
+    :class:`~emulator.nucleus.ipc.IPCServer` whose PublishToIoTCore spools into an
+    :class:`~emulator.nucleus.iotcore.IotCoreBridge` to the bench's mosquitto (IoT Core's flow
+    control off). Its settings come as one JSON line on stdin; it answers one JSON line with the
+    component's environment, then one line per command: ``settle`` waits until the spool is
+    empty (every PUBACK in) and reports the spool's figures. End of stdin stops it."""
+    import logging
+    import sys
+    from dataclasses import asdict
+
+    from emulator.nucleus.iotcore import IotCoreBridge, MqttProxyBridge, SpoolConfig
+    from emulator.nucleus.ipc import IPCServer
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    conf = json.loads(sys.stdin.readline())
+    bridge = IotCoreBridge("localhost", conf["port"], conf["thing"], conf["cert"], conf["key"], conf["ca"],
+                           spool=SpoolConfig(max_size_bytes=conf["spool_bytes"]), iot_core_limits=False).start()
+    server = None
+    try:
+        if not bridge.wait_connected(10):
+            print(json.dumps({"error": f"the bridge did not connect to the broker: {bridge.last_error!r}"}), flush=True)
+            return
+        server = IPCServer(conf["socket"], thing_name=conf["thing"], iotcore=MqttProxyBridge(bridge)).start()
+        server.register_component(IPC_COMPONENT, access_control=IPC_ACL)
+        print(json.dumps({"env": server.environment(IPC_COMPONENT), "max_in_flight": bridge.max_in_flight}),
+              flush=True)
+        for line in sys.stdin:
+            if line.strip() == "settle":
+                empty = bridge.wait_spool_empty(conf["timeout_s"])
+                print(json.dumps({"empty": bool(empty), **asdict(bridge.spool_stats)}), flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+        bridge.close()
+
+
+class _Nucleus:
+    """:func:`_nucleus_main` as a child process; :meth:`ask` sends a command and reads the answer."""
+
+    def __init__(self, conf: dict[str, Any], log_path: Path, timeout_s: float):
+        import queue
+        import subprocess
+        import sys
+
+        self.timeout_s = timeout_s
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-c", "from gateway.bench import _nucleus_main; _nucleus_main()"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     cwd=REPO)
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, name="bench-nucleus-out", daemon=True).start()
+        self.log_path = log_path
+        self.proc.stdin.write(json.dumps(conf) + "\n")
+        self.proc.stdin.flush()
+        self.hello = self._answer("start")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _answer(self, what: str) -> dict[str, Any]:
+        import queue
+
+        try:
+            line = self._lines.get(timeout=self.timeout_s)
+        except queue.Empty:
+            line = ""
+        answer = json.loads(line) if line else {"error": f"no answer to {what} within {self.timeout_s:g} s"}
+        if "error" in answer:
+            self._log.flush()
+            raise BenchError(f"bench: the nucleus process: {answer['error']}: "
+                             f"{self.log_path.read_text()[-2000:]}")
+        return answer
+
+    def ask(self, command: str) -> dict[str, Any]:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._answer(command)
+
+    def close(self) -> None:
+        import subprocess
+
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def _arrivals(endpoint: str, port: int, cert, key, ca, topic_filter: str):
+    """A subscriber that counts the distinct batches and readings arriving on ``topic_filter``
+    (a repeated batch, which QoS 1 allows, counts once) and notes when the last one it waits
+    for arrived; it keeps no messages."""
+    from awscrt import mqtt5
+
+    from gateway.publishers.mqtt import MqttSubscriber
+
+    class Arrivals(MqttSubscriber):
+        def __init__(self) -> None:
+            super().__init__(endpoint, IPC_SUBSCRIBER, cert, key, ca, port=port, topic_filter=topic_filter)
+            self.batches: set[bytes] = set()
+            self.readings = self.duplicates = 0
+            self.expected: int | None = None
+            self.last = 0.0
+            self.all_in = threading.Event()
+
+        def _on_publish(self, data: mqtt5.PublishReceivedData) -> None:
+            head = _HEAD.match(bytes(data.publish_packet.payload[:200]))
+            at = time.perf_counter()
+            with self._cond:
+                if head is None or head.group(1) in self.batches:
+                    self.duplicates += head is not None
+                    return
+                self.batches.add(head.group(1))
+                self.readings += int(head.group(2))
+                self.last = at
+                if self.expected is not None and self.readings >= self.expected:
+                    self.all_in.set()
+
+        def expect(self, readings: int) -> None:
+            with self._cond:
+                self.expected = readings
+                if self.readings >= readings:
+                    self.all_in.set()
+
+    return Arrivals()
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    """Only errors from ``loggers`` meanwhile: the warnings a stage expects (a full spool's
+    refusals) are counted in its figures, not printed a hundred times."""
+    import logging
+
+    saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
+    for logger, _ in saved:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
+
+
+class _Watched:
+    """A publisher that notes the first publish that failed, so a stage that must not see one
+    fails at once, naming it, instead of waiting out the forwarder's backoffs."""
+
+    def __init__(self, publisher):
+        self._publisher = publisher
+        self.error: BaseException | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._publisher, name)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> Future:
+        fut = self._publisher.publish(topic, payload, qos)
+        fut.add_done_callback(self._note)
+        return fut
+
+    def _note(self, fut: Future) -> None:
+        if self.error is None and fut.exception() is not None:
+            self.error = fut.exception()
+
+
+def _drain_failing_fast(fwd, watched: _Watched, timeout_s: float, what: str) -> float:
+    """Seconds for ``fwd`` to deliver everything (as :meth:`Forwarder.drain`); the first failed
+    publish fails the stage with its reason."""
+    t0 = time.perf_counter()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if watched.error is not None:
+            raise BenchError(f"bench: {what}: a publish failed: {watched.error}")
+        if not fwd.step():
+            if fwd.messages_in_flight == 0 and fwd.buffer.pending() == 0:
+                return time.perf_counter() - t0
+            fwd.wake.wait(0.05)
+            fwd.wake.clear()
+        if time.monotonic() > deadline:
+            raise BenchError(f"bench: {what} did not finish within {timeout_s:g} s: "
+                             f"{fwd.buffer.pending()} readings pending")
+
+
+def bench_ipc_drain(readings: list[Reading], spool_bytes: int, *, window: int = 64, timeout_s: float = 600,
+                    refusals_fail: bool = True) -> dict[str, Any]:
+    """The forwarder drains a buffer prefilled as in :func:`bench_drain` through
+    :class:`~gateway.publishers.ipc.IpcPublisher` (handoff delivery) over the real awsiotsdk
+    ``GreengrassCoreIPCClientV2`` to the local nucleus's IPC server, in its own process (as on a
+    device: the client and the server never share a GIL), whose IoT Core bridge publishes into
+    a real mosquitto over mutual TLS; IoT Core's flow control off on the bridge's connection
+    (the gateway's IPC side has none). Spool: Memory, ``spool_bytes``; in flight to the broker:
+    the nucleus's default ``maxInFlightPublishes``.
+
+    Timed from the first claim until every reading is acknowledged in the buffer (the nucleus
+    accepted its message) AND has arrived at a subscriber on the broker: a handoff says only
+    that the nucleus spooled the message, arrival says it crossed the whole path. The spool is
+    then waited empty (every PUBACK in) and checked, outside the time. A refused publish (a full
+    spool) fails the stage when ``refusals_fail``, else is counted: then the figure includes the
+    forwarder's backoffs, which is what that spool size costs."""
+    from awsiot.greengrasscoreipc import connect
+    from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
+
+    from emulator.broker import Mosquitto, make_certs
+    from emulator.nucleus.ipc import SOCKET_ENV, TOKEN_ENV
+    from gateway.forwarder import Forwarder
+    from gateway.publishers.ipc import IpcPublisher
+
+    n = len(readings)
+    with disk_tempdir() as d, tempfile.TemporaryDirectory(prefix="ggb-", dir="/tmp") as short:
+        certs = make_certs(Path(d) / "certs", [THING, IPC_SUBSCRIBER])
+        gw, sub_cert = certs.client(THING), certs.client(IPC_SUBSCRIBER)
+        with Mosquitto(Path(d) / "broker", certs) as broker:
+            buf = _buffer(os.path.join(d, "buffer.db"))
+            _fill(buf, readings)
+            arrivals = _arrivals("localhost", broker.port, sub_cert.cert, sub_cert.key, certs.ca,
+                                 f"dt/meters/+/{THING}/#")
+            arrivals.start()
+            nucleus = client = pub = None
+            try:
+                if not arrivals.wait_subscribed(10):
+                    raise BenchError("bench: the subscriber could not subscribe on the local broker")
+                nucleus = _Nucleus({"port": broker.port, "thing": THING, "cert": str(gw.cert), "key": str(gw.key),
+                                    "ca": str(certs.ca), "spool_bytes": spool_bytes,
+                                    "socket": os.path.join(short, "ipc.socket"), "timeout_s": timeout_s},
+                                   Path(d) / "nucleus.log", timeout_s=60)
+                env = nucleus.hello["env"]
+                client = GreengrassCoreIPCClientV2(client=connect(ipc_socket=env[SOCKET_ENV],
+                                                                  authtoken=env[TOKEN_ENV]))
+                pub = IpcPublisher(client, THING, delivery="handoff").start()
+                deadline = time.monotonic() + 10
+                while not pub.connected and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                if not pub.connected:
+                    raise BenchError("bench: the IPC publisher never saw IoT Core connected through the nucleus")
+                watched = _Watched(pub)
+                fwd = Forwarder(buf, watched if refusals_fail else pub, THING, window=window)
+                arrivals.expect(n)
+                t0 = time.perf_counter()
+                if refusals_fail:
+                    acked_s = _drain_failing_fast(fwd, watched, timeout_s, "the forwarder's drain over IPC")
+                else:
+                    with _quiet("gateway.publishers.ipc", "gateway.forwarder"):  # refusals are expected here
+                        fwd.drain(timeout_s=timeout_s)
+                    acked_s = time.perf_counter() - t0
+                _await(arrivals.all_in, timeout_s, f"the arrival of {n} readings through the nucleus")
+                seconds = max(acked_s, arrivals.last - t0)
+                spool = nucleus.ask("settle")
+            finally:
+                if pub is not None:
+                    pub.close()
+                if client is not None:
+                    # The connection first, with its streams' last callbacks, then the executor they
+                    # run on (GreengrassCoreIPCClientV2.close shuts the executor down first and
+                    # awsiotsdk prints a traceback for each callback that comes after).
+                    try:
+                        client.client.close().result(10)
+                    except Exception:  # closed by the server already: the stage's result stands
+                        pass
+                    client.executor.shutdown(wait=True)
+                if nucleus is not None:
+                    nucleus.close()
+                arrivals.close()
+            buf.close()
+    if not spool["empty"] or spool["dropped_failed"]:
+        raise BenchError(f"bench: the nucleus's spool did not empty cleanly after the drain: {spool}")
+    if arrivals.readings != n:
+        raise BenchError(f"bench: {arrivals.readings} readings arrived through the nucleus, {n} were drained")
+    return {
+        "readings_per_s": n / seconds,
+        "acked_readings_per_s": n / acked_s,
+        "seconds": seconds,
+        "messages": fwd.published,
+        "refusals": pub.spool_full,
+        "duplicates": arrivals.duplicates,
+        "spool_max_bytes": spool_bytes,
+        "max_in_flight": nucleus.hello["max_in_flight"],
+    }
+
+
+def bench_ipc(readings: list[Reading], payload_bytes: int, direct_per_s: float, **kwargs) -> dict[str, Any]:
+    """:func:`bench_ipc_drain` with a spool that never refuses (:func:`ipc_spool_bytes`), its
+    ratio to the direct drain measured in the same run, and again at the nucleus's default
+    2.5 MiB spool (where the backlog does not fit: refusals and backoffs are counted, not failed)."""
+    big = bench_ipc_drain(readings, ipc_spool_bytes(payload_bytes), **kwargs)
+    default = bench_ipc_drain(readings, NUCLEUS_DEFAULT_SPOOL_BYTES, refusals_fail=False, **kwargs)
+    return {
+        "ipc_drain_readings_per_s": big["readings_per_s"],
+        "ipc_drain_ratio": big["readings_per_s"] / direct_per_s,
+        "ipc_drain_acked_readings_per_s": big["acked_readings_per_s"],
+        "ipc_drain_messages": big["messages"],
+        "ipc_drain_spool_max_bytes": big["spool_max_bytes"],
+        "ipc_drain_max_in_flight": big["max_in_flight"],
+        "ipc_drain_duplicates": big["duplicates"],
+        "ipc_drain_target": "gateway → IpcPublisher(handoff) → GreengrassCoreIPCClientV2 → local nucleus "
+                            "(own process) → IotCoreBridge → local mosquitto, mTLS, flow control off; "
+                            "timed until every reading is acknowledged and has arrived at a subscriber",
+        "ipc_drain_default_spool_readings_per_s": default["readings_per_s"],
+        "ipc_drain_default_spool_refusals": default["refusals"],
+        "ipc_drain_default_spool_duplicates": default["duplicates"],
     }
 
 
@@ -784,6 +1119,9 @@ def run(n: int = 200_000, *, score: bool = True, startup_n: int = 3_000_000, iot
     result.update(bench_ingest(readings, score=score))
     progress("drain: forwarder → mosquitto vs bare awscrt publish; wire bytes raw and scored")
     result.update(bench_drain(readings))
+    progress("drain over IPC: forwarder → IpcPublisher → GreengrassCoreIPCClientV2 → the local nucleus in its own "
+             "process → mosquitto, until every reading has arrived; again at the nucleus's default 2.5 MiB spool")
+    result.update(bench_ipc(readings, round(result["payload_bytes_per_reading"] * n), result["drain_readings_per_s"]))
     progress("messages: the bundled sample through a Gateway, as the demo sends it")
     result.update(bench_sample_messages())
     if score:
@@ -824,6 +1162,8 @@ def at_real_time(result: dict[str, Any]) -> float:
 GOALS = {
     "ingest_ratio": (">=", 0.5),
     "drain_readings_per_s": (">=", 50_000),
+    "ipc_drain_readings_per_s": (">=", 50_000),
+    "ipc_drain_ratio": (">=", 0.5),
     "wire_bytes_per_reading": ("<=", 60),
     "peak_rss_mb": ("<=", 150),
     "startup_s": ("<=", 2.0),

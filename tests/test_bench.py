@@ -35,13 +35,19 @@ def test_bench_json_reports_every_stage():
                 "disk_bytes_written_per_reading", "wchar_per_reading", "stats_save_bytes",
                 "ingest_scored_ratio", "stats_save_bytes_per_reading_at_1x", "disk_bytes_written_per_reading_at_1x",
                 "keys_time_first_bytes_written_per_reading", "keys_meter_first_bytes_written_per_reading",
-                "model_rmsle_alone", "model_rmsle_online"):
+                "model_rmsle_alone", "model_rmsle_online", "ipc_drain_readings_per_s", "ipc_drain_ratio",
+                "ipc_drain_acked_readings_per_s", "ipc_drain_spool_max_bytes", "ipc_drain_max_in_flight",
+                "ipc_drain_default_spool_readings_per_s"):
         assert isinstance(result[key], (int, float)) and result[key] > 0, key
     assert result["readings"] == 5000
     assert result["gateway_scored"] is True
     assert result["drain_iotcore_scored"] is True
     assert result["drain_iotcore_readings"] == 3000
     assert result["drain_target"].startswith("local mosquitto")
+    assert result["ipc_drain_target"].startswith("gateway → IpcPublisher(handoff) → GreengrassCoreIPCClientV2")
+    assert result["ipc_drain_messages"] == result["messages"]  # the same backlog as the direct drain
+    assert result["ipc_drain_duplicates"] == 0  # a spool that holds the backlog never refuses
+    assert result["ipc_drain_spool_max_bytes"] >= 2 * 1024 * 1024 + 512 * 1024
     assert result["disk_filesystem"] not in ("tmpfs", "ramfs")  # else write_bytes would be 0
     assert result["wire_bytes_per_reading"] > result["payload_bytes_per_reading"]  # MQTT framing counted
     assert result["wire_bytes_per_scored_reading"] > result["wire_bytes_per_raw_reading"]
@@ -115,3 +121,9 @@ def test_a_drain_that_stalls_or_retries_fails_loudly(tmp_path):
     with pytest.raises(bench.BenchError, match=r"^bench: the drain: 1 failed publishes were retried inside the time$"):
         bench._drain(fwd, 30, "the drain")
     buf.close()
+
+
+def test_the_ipc_drains_spool_holds_twice_the_backlog_and_never_less_than_the_nucleus_default():
+    mib = 1024 * 1024
+    assert bench.ipc_spool_bytes(10_700_000) == 21 * mib  # 2 x 10.7 MB = 20.4 MiB, whole MiB up
+    assert bench.ipc_spool_bytes(1000) == bench.NUCLEUS_DEFAULT_SPOOL_BYTES == 2_621_440
