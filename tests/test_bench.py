@@ -36,7 +36,7 @@ def test_bench_json_reports_every_stage():
                 "ingest_scored_ratio", "stats_save_bytes_per_reading_at_1x", "disk_bytes_written_per_reading_at_1x",
                 "keys_time_first_bytes_written_per_reading", "keys_meter_first_bytes_written_per_reading",
                 "model_rmsle_alone", "model_rmsle_online", "ipc_drain_readings_per_s", "ipc_drain_ratio",
-                "ipc_drain_acked_readings_per_s", "ipc_drain_spool_max_bytes", "ipc_drain_max_in_flight",
+                "ipc_drain_acked_readings_per_s", "ipc_drain_spool_max_bytes", "ipc_drain_max_in_flight", "ipc_drain_default_max_in_flight",
                 "ipc_drain_default_spool_readings_per_s"):
         assert isinstance(result[key], (int, float)) and result[key] > 0, key
     assert result["readings"] == 5000
