@@ -1,17 +1,16 @@
-"""The cloud's receipt rule, emulated on the local broker: what makes ``delivery: receipt`` work
-without an AWS account.
+"""The cloud's receipt rule on the local broker: what makes ``delivery: receipt`` work without
+an AWS account.
 
 In the cloud, ``ReceiptRule`` of ``cloud/analytics.yaml`` is an IoT topic rule::
 
     SELECT batch, topic() AS topic FROM 'dt/meters/+/+/+' WHERE topic(5) = 'raw' OR topic(5) = 'scored'
     -> Republish to cmd/meters/${topic(4)}/receipt at QoS 1
 
-Here one MQTT5 client (awscrt, mutual TLS, like every client of :mod:`emulator.broker`'s
-mosquitto) plays it: it subscribes to ``dt/<app>/+/+/raw`` and ``dt/<app>/+/+/scored`` at QoS 1
-and, for every message, publishes ``{"batch": <its batch>, "topic": <its topic>}`` to
-``cmd/<app>/<thing = topic level 4>/receipt`` at QoS 1. As in the rules engine, a payload that
-is not a JSON object, or has no ``batch``, gives a receipt without ``batch`` (SQL's Undefined is
-left out of the output)::
+Here the rules engine (:mod:`emulator.rules`) runs that rule, read from the template, as one
+MQTT5 client of :mod:`emulator.broker`'s mosquitto (:class:`~emulator.rules.binding.BrokerBinding`).
+This module is a thin wrapper over it that can hold receipts back, which the tests of late
+receipts need. As in IoT Core, a payload that is not a JSON object, or has no ``batch``, gives a
+receipt without ``batch`` (SQL's Undefined is left out of the output)::
 
     rule = ReceiptRule("localhost", broker.port, cert, key, ca).start()
     rule.wait_subscribed(10)
@@ -19,83 +18,72 @@ left out of the output)::
     rule.resume()   # the held receipts go out, in order
     rule.received, rule.republished, rule.held, rule.failed
     rule.close()
-
-It is deliberately small: it hard-codes this one rule rather than running its SQL. A later
-rules engine that evaluates the rule SQL of ``cloud/*.yaml`` replaces it.
 """
 
 from __future__ import annotations
 
-import json
-import logging
+import functools
 import os
-import threading
-from concurrent.futures import Future
+from typing import Callable
 
-from awscrt import mqtt5
-from awsiot import mqtt5_client_builder
+from emulator.rules.engine import ANALYTICS, Actions, RulesEngine
+from emulator.rules.sql import Context
 
 __all__ = ["ReceiptRule", "receipt_for"]
 
-log = logging.getLogger(__name__)
+RULE = "ReceiptRule"
+
+
+@functools.lru_cache(maxsize=1)
+def _rule():
+    return RulesEngine([ANALYTICS], rules=(RULE,)).rule(RULE)
 
 
 def receipt_for(topic: str, payload: bytes) -> tuple[str, bytes] | None:
-    """The rule's output for one message: ``(receipt topic, receipt payload)``, or None when
-    the rule's ``WHERE`` does not take the topic (it is not ``dt/<app>/<site>/<thing>/raw|scored``)."""
-    levels = topic.split("/")
-    if len(levels) != 5 or levels[0] != "dt" or levels[4] not in ("raw", "scored"):
+    """The rule's output for one message: ``(receipt topic, receipt payload)``, or None when the
+    rule's ``FROM`` or ``WHERE`` does not take the topic."""
+    rule = _rule()
+    if not rule.statement.matches(topic):
         return None
-    try:
-        body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        body = None
-    out: dict = {}
-    if isinstance(body, dict) and "batch" in body:
-        out["batch"] = body["batch"]
-    out["topic"] = topic
-    return f"cmd/{levels[1]}/{levels[3]}/receipt", json.dumps(out, separators=(",", ":")).encode()
+    ctx = Context.of(topic, payload, None, 0)
+    output = rule.statement.evaluate(ctx)
+    if output is None:
+        return None
+    republish = rule.actions[0]
+    return republish.topic(ctx), output.payload()
 
 
 class ReceiptRule:
     """The receipt rule as a client of the local broker (see the module doc).
 
-    Counters: ``received`` (messages the rule took), ``republished`` (receipts the broker
-    acknowledged), ``held`` (receipts waiting while paused), ``failed`` (receipts the broker did
-    not take; the rules engine does not retry either).
+    Counters: ``received`` (messages the rule took: receipts made), ``republished`` (receipts the
+    broker acknowledged), ``held`` (receipts waiting while paused), ``failed`` (receipts the
+    broker did not take; the rules engine does not retry either).
     """
 
     def __init__(self, endpoint: str, port: int, cert: str | os.PathLike, key: str | os.PathLike,
                  ca: str | os.PathLike | None, *, client_id: str = "receipt-rule", app: str = "meters"):
-        self.filters = [f"dt/{app}/+/+/raw", f"dt/{app}/+/+/scored"]
-        self._cond = threading.Condition()
+        if app != "meters":
+            raise ValueError(f"app {app!r}: the receipt rule of {ANALYTICS.name} is for app 'meters'")
+        from emulator.rules.binding import BrokerBinding
+
+        self.engine = RulesEngine([ANALYTICS], Actions(republish=self._receipt), rules=(RULE,))
+        self._binding = BrokerBinding(self.engine, endpoint, port, cert, key, ca, client_id=client_id,
+                                      basic_ingest=False)
+        self.filters = self._binding.filters
+        self._cond = self._binding.cond
         self._paused = False
-        self._held: list[tuple[str, bytes]] = []
-        self._connected = False
-        self._subscribed = False
+        self._held: list[tuple[str, bytes, int]] = []
         self.received = 0
-        self.republished = 0
-        self.failed = 0
-        self._client = mqtt5_client_builder.mtls_from_path(
-            endpoint=endpoint, port=port, cert_filepath=os.fspath(cert), pri_key_filepath=os.fspath(key),
-            ca_filepath=os.fspath(ca) if ca is not None else None, client_id=client_id,
-            extended_validation_and_flow_control_options=mqtt5.ExtendedValidationAndFlowControlOptions.NONE,
-            session_behavior=mqtt5.ClientSessionBehaviorType.CLEAN,
-            min_reconnect_delay_ms=50, max_reconnect_delay_ms=500,
-            on_publish_received=self._on_message,
-            on_lifecycle_connection_success=self._on_connected,
-            on_lifecycle_disconnection=lambda data: self._set(connected=False),
-            on_lifecycle_connection_failure=lambda data: self._set(connected=False),
-        )
 
     # -- lifecycle
     def start(self) -> "ReceiptRule":
-        self._client.start()
+        self._binding.start()
         return self
 
     def close(self) -> None:
         """Stop; receipts still held are dropped (a rule that never ran for them)."""
-        self._client.stop()
+        self._binding.close()
 
     def __enter__(self) -> "ReceiptRule":
         return self.start()
@@ -104,16 +92,29 @@ class ReceiptRule:
         self.close()
 
     def wait_subscribed(self, timeout: float | None = None) -> bool:
-        """Wait until connected and both subscriptions are granted (again after a reconnect)."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._connected and self._subscribed, timeout)
+        """Wait until connected and subscribed (again after a reconnect)."""
+        return self._binding.wait_subscribed(timeout)
 
-    # -- pausing
+    # -- counters
+    @property
+    def republished(self) -> int:
+        return self._binding.republished
+
+    @property
+    def failed(self) -> int:
+        return self._binding.failed
+
     @property
     def held(self) -> int:
         with self._cond:
             return len(self._held)
 
+    def wait_for(self, predicate: Callable[["ReceiptRule"], bool], timeout: float | None = None) -> bool:
+        """Wait until ``predicate(self)`` holds (checked at every change of a counter)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self), timeout)
+
+    # -- pausing
     def pause(self) -> None:
         """Hold every receipt from now on (the messages are still taken and counted)."""
         with self._cond:
@@ -126,73 +127,20 @@ class ReceiptRule:
             held, self._held = self._held, []
             self._cond.notify_all()
         for receipt in held:
-            self._republish(*receipt)
+            self._send(*receipt)
 
-    def wait_for(self, predicate, timeout: float | None = None) -> bool:
-        """Wait until ``predicate(self)`` holds (checked at every change of a counter)."""
-        with self._cond:
-            return self._cond.wait_for(lambda: predicate(self), timeout)
-
-    # -- the rule
-    def _on_message(self, data: mqtt5.PublishReceivedData) -> None:
-        p = data.publish_packet
-        receipt = receipt_for(p.topic, bytes(p.payload or b""))
-        if receipt is None:
-            return
+    # -- the rule's republish action
+    def _receipt(self, topic: str, payload: bytes, qos: int) -> None:
         with self._cond:
             self.received += 1
+            self._cond.notify_all()
             if self._paused:
-                self._held.append(receipt)
-                self._cond.notify_all()
+                self._held.append((topic, payload, qos))
                 return
-            self._cond.notify_all()
-        self._republish(*receipt)
+        self._send(topic, payload, qos)
 
-    def _republish(self, topic: str, payload: bytes) -> None:
+    def _send(self, topic: str, payload: bytes, qos: int) -> None:
         try:
-            fut = self._client.publish(mqtt5.PublishPacket(topic=topic, payload=payload, qos=mqtt5.QoS.AT_LEAST_ONCE))
-        except Exception as exc:  # the client is stopped
-            self._count(False, topic, exc)
-            return
-        fut.add_done_callback(lambda f: self._published(f, topic))
-
-    def _published(self, fut: Future, topic: str) -> None:
-        exc = fut.exception()
-        code = None if exc is not None else getattr(fut.result().puback, "reason_code", None)
-        ok = exc is None and code in (None, mqtt5.PubackReasonCode.SUCCESS,
-                                      mqtt5.PubackReasonCode.NO_MATCHING_SUBSCRIBERS)
-        self._count(ok, topic, exc if exc is not None else code)
-
-    def _count(self, ok: bool, topic: str, why) -> None:
-        with self._cond:
-            if ok:
-                self.republished += 1
-            else:
-                self.failed += 1
-            self._cond.notify_all()
-        if not ok:
-            log.warning("receipt rule: the receipt to %s was not taken: %s", topic, why)
-
-    # -- connection
-    def _set(self, *, connected: bool | None = None, subscribed: bool | None = None) -> None:
-        with self._cond:
-            if connected is not None:
-                self._connected = connected
-                if not connected:
-                    self._subscribed = False
-            if subscribed is not None:
-                self._subscribed = subscribed
-            self._cond.notify_all()
-
-    def _on_connected(self, data) -> None:
-        self._set(connected=True, subscribed=False)  # a clean session: subscribe at every connection
-        packet = mqtt5.SubscribePacket([mqtt5.Subscription(f, mqtt5.QoS.AT_LEAST_ONCE) for f in self.filters])
-        self._client.subscribe(packet).add_done_callback(self._on_suback)
-
-    def _on_suback(self, fut: Future) -> None:
-        exc = fut.exception()
-        if exc is None and all(code < 128 for code in fut.result().reason_codes):
-            self._set(subscribed=True)
-        else:
-            log.error("receipt rule: cannot subscribe to %s: %s", self.filters,
-                      exc if exc is not None else fut.result().reason_codes)
+            self._binding.publish(topic, payload, qos)
+        except Exception:  # the client is stopped: counted as failed by the binding
+            pass

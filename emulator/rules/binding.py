@@ -2,7 +2,8 @@
 
 :class:`BrokerBinding` connects (awscrt MQTT5, mutual TLS, like every client of
 :mod:`emulator.broker`'s mosquitto), subscribes at QoS 1 to the union of the enabled rules'
-``FROM`` filters plus the Basic Ingest topics ``$aws/rules/#``, hands every message to
+``FROM`` filters (:func:`subscription_filters`: each message must arrive once) plus the Basic
+Ingest topics ``$aws/rules/#``, hands every message to
 :meth:`RulesEngine.handle <emulator.rules.engine.RulesEngine.handle>`, and publishes the
 republish actions' messages through the same connection::
 
@@ -30,11 +31,44 @@ from awsiot import mqtt5_client_builder
 
 from emulator.rules.engine import RulesEngine
 
-__all__ = ["BrokerBinding"]
+__all__ = ["BrokerBinding", "subscription_filters"]
 
 log = logging.getLogger(__name__)
 
 _QOS = {0: mqtt5.QoS.AT_MOST_ONCE, 1: mqtt5.QoS.AT_LEAST_ONCE}
+
+
+def _covers(a: str, b: str) -> bool:
+    """Every topic filter ``b`` matches, ``a`` matches too."""
+    fa, fb = a.split("/"), b.split("/")
+    for i, level in enumerate(fa):
+        if level == "#":
+            return True
+        if i >= len(fb) or fb[i] == "#" or (level != "+" and (fb[i] == "+" or level != fb[i])):
+            return False
+    return len(fa) == len(fb)
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Some topic matches both filters."""
+    fa, fb = a.split("/"), b.split("/")
+    for x, y in zip(fa, fb):
+        if x == "#" or y == "#":
+            return True
+        if x != "+" and y != "+" and x != y:
+            return False
+    return len(fa) == len(fb)
+
+
+def subscription_filters(filters: list[str]) -> list[str]:
+    """What to subscribe to so that each message arrives once: mosquitto delivers a message once
+    per matching subscription, so filters that another covers are dropped (``dt/meters/+/+/raw``
+    under ``dt/meters/+/+/+``), and filters that still overlap are replaced by ``#``."""
+    kept = [f for i, f in enumerate(filters)
+            if not any(_covers(g, f) and (g != f or j < i) for j, g in enumerate(filters) if j != i)]
+    if any(_overlap(a, b) for i, a in enumerate(kept) for b in kept[i + 1:]):
+        return ["#"]
+    return kept
 
 
 class BrokerBinding:
@@ -44,7 +78,7 @@ class BrokerBinding:
                  key: str | os.PathLike, ca: str | os.PathLike | None, *, client_id: str = "rules-engine",
                  basic_ingest: bool = True, on_error: Callable[[BaseException], None] | None = None):
         self.engine = engine
-        self.filters = engine.filters() + (["$aws/rules/#"] if basic_ingest else [])
+        self.filters = subscription_filters(engine.filters()) + (["$aws/rules/#"] if basic_ingest else [])
         if engine.actions.republish is None:
             engine.actions.republish = self.publish
         self.cond = threading.Condition()
