@@ -990,7 +990,8 @@ class LocalIoTAnalytics:
     def dataset_content(self, name: str, version_id: str = "$LATEST") -> Path:
         """The kept CSV of a dataset's content version (AWS's GetDatasetContent)."""
         self._get(self.datasets, name, "dataset")
-        versions = self._state[name]["versions"]
+        with self._lock:
+            versions = list(self._state[name]["versions"])
         if not versions:
             raise ResourceNotFound(f"dataset {name} has no content yet")
         if version_id == "$LATEST":
@@ -1061,7 +1062,10 @@ class LocalIoTAnalytics:
                                    f"{', '.join(sorted(table)) or 'none'})") from None
 
     def close(self) -> None:
+        """Write what the datastores hold and the datasets' state; close the files."""
         with self._lock:
+            if hasattr(self, "_state"):
+                self._save_state()
             for c in self.channels.values():
                 c.close()
             for d in self.datastores.values():

@@ -452,3 +452,23 @@ def test_whole_legacy_template_fed_as_its_header_says(ia, clock):
     highres = list(csv.DictReader(ia.dataset_content(HIGHRES).open()))
     assert len(highres) == 119
     assert [r["building"] for r in highres] == sorted(r["building"] for r in highres)
+
+
+def test_the_templates_rules_feed_the_channel(ia, tmp_path):
+    """The legacy template's own topic rules (emulator.rules) put each meter thing's message into
+    the channel: the same pipeline and datasets, fed through IoT Core's path."""
+    import json
+
+    from emulator.rules.engine import Actions, RulesEngine
+
+    engine = RulesEngine([LEGACY], Actions(iotanalytics=ia, logs=tmp_path / "logs"))
+    sent = [("15", "electricity", {"building": "1433", "ts": 1483228800000, "value": 41.35}),
+            ("0", "electricity", {"building": "7", "ts": 1483228800000, "value": 100.0}),
+            ("15", "steam", {"building": "1433", "ts": 1483228800000, "value": -3.0})]
+    for site, meter, body in sent:
+        engine.handle(f"dt/meters/{site}/metergateway-{meter}/raw", json.dumps(body).encode(),
+                      client_id=f"metergateway-{meter}")
+    assert ia.channel_messages(CHANNEL)[0] == {"site": "15", "building": "1433", "meter_type": "electricity",
+                                               "ts": 1483228800000, "value": 41.35, "unit_factor": 1}
+    rows = ia.datastore_query(f"SELECT site, meter_type, kwh FROM {DATASTORE} ORDER BY site").rows
+    assert rows == [("0", "electricity", pytest.approx(100 * KBTU)), ("15", "electricity", 41.35)]
