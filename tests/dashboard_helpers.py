@@ -138,3 +138,41 @@ def fleet_day(root: Path, *, meters: int = 2380, per_meter: int = 1440, building
     if batch:
         write_object(root, "scored", day, batch)
     return total
+
+
+def measure(root: Path, athena) -> list[tuple[str, float, int]]:
+    """Time the page's data endpoints over ``athena`` (first request: the query; then the cache)."""
+    import time
+    import urllib.request
+
+    from emulator.dashboard import Dashboard
+
+    out = []
+    with Dashboard(athena, root / "logs" / "metergateway" / "health") as board:
+        for path in ["api/buildings", "api/buildings", "api/consumption?site=3&building=3",
+                     "api/consumption?site=3", "api/consumption?site=5&building=1445", "api/health"]:
+            t = time.perf_counter()
+            with urllib.request.urlopen(board.url + path, timeout=600) as r:
+                body = r.read()
+            out.append((path, (time.perf_counter() - t) * 1000, len(body)))
+    return out
+
+
+if __name__ == "__main__":
+    # python tests/dashboard_helpers.py DIR [--fake]: a fleet-day in DIR (made once), then the
+    # endpoints' times through LocalAthena (or FakeAthena)
+    import sys
+    import time
+
+    root = Path(sys.argv[1])
+    if not (root / "s3").exists():
+        t = time.perf_counter()
+        print(f"wrote {fleet_day(root)} readings in {time.perf_counter() - t:.0f} s", flush=True)
+    if "--fake" in sys.argv:
+        athena = FakeAthena(root)
+    else:
+        from emulator.athena import LocalAthena
+
+        athena = LocalAthena(root, template_path=Path(__file__).resolve().parents[1] / "cloud" / "analytics.yaml")
+    for path, ms, size in measure(root, athena):
+        print(f"{path}: {ms:.0f} ms, {size} bytes", flush=True)

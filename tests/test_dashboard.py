@@ -246,3 +246,21 @@ def test_page_plots_consumption_anomalies_model_switch_and_health(root, browser,
         assert browser.save_screenshot(str(shot))
         data = shot.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_health_the_rules_engine_logged_is_what_the_dashboard_reads(tmp_path):
+    from emulator.rules.actions import Actions
+    from emulator.rules.engine import RulesEngine
+
+    repo = Path(__file__).resolve().parents[1]
+    template = repo / "cloud" / "analytics.yaml"
+    engine = RulesEngine([template], Actions(logs=tmp_path / "logs"), rules=["HealthRule"])
+    for k, pending in enumerate([3, 0]):
+        msg = health_message("gw-7", T0 + k * H, pending=pending, lag=4.0 if pending else None, ingest=60.0,
+                             delivered=55.0, autonomy=120.0, model="m-C")
+        del msg["received_ms"]  # the rule adds it (timestamp())
+        engine.handle("dt/meters/gateway/gw-7/health", json.dumps(msg).encode(), client_id="gw-7")
+    got = HealthLog(health_dir_for(tmp_path, template)).health("gw-7")
+    assert [(p["ts"], p["pending"], p["lag_s"], p["model"]) for p in got["points"]] == [
+        (T0, 3.0, 4.0, "m-C"), (T0 + H, 0.0, 0.0, "m-C")]
+

@@ -180,7 +180,7 @@ async function loadConsumption() {
 const HEALTH_CHARTS = [
   { title: "buffer depth (readings pending)", fields: [["pending", "actual"]] },
   { title: "lag: oldest unsent reading's age (s)", fields: [["lag_s", "actual"]] },
-  { title: "rates (readings per hour): ingest, delivered", fields: [["ingest_per_h", "actual"], ["delivered_per_h", "second"]] },
+  { title: "rates (readings per hour): ingest (blue), delivered (green)", fields: [["ingest_per_h", "actual"], ["delivered_per_h", "second"]] },
   { title: "autonomy (hours the free buffer lasts)", fields: [["autonomy_hours", "actual"]], band: true },
 ];
 const TILES = [["pending", "pending"], ["lag_s", "lag (s)"], ["ingest_per_h", "ingest /h"],
