@@ -53,8 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
+from emulator.cfn import load_template, resolve
 from emulator.s3 import LocalBucket
 
 __all__ = [
@@ -62,8 +61,6 @@ __all__ = [
     "LocalFirehose",
     "StreamConfig",
     "java_datetime",
-    "load_template",
-    "resolve",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,136 +72,6 @@ MIB = 1024 * 1024
 
 class FirehoseError(ValueError):
     """A template or a call the local Firehose cannot take, saying what and where."""
-
-
-# ------------------------------------------------------------------ template (private fallback)
-# emulator/cfn.py is the shared loader; until it lands, this minimal one reads the tags the
-# templates use and resolves Ref, Fn::Sub, Fn::GetAtt and Fn::Join.
-
-_TAGS = ("Ref", "Sub", "GetAtt", "Join", "If", "Select", "Split", "Equals", "Not", "And", "Or",
-         "FindInMap", "Base64", "ImportValue", "GetAZs", "Condition")
-
-
-class _CfnLoader(yaml.SafeLoader):
-    pass
-
-
-def _tag(name: str):
-    key = name if name in ("Ref", "Condition") else f"Fn::{name}"
-
-    def construct(loader: yaml.SafeLoader, node: yaml.Node):
-        if isinstance(node, yaml.ScalarNode):
-            value = loader.construct_scalar(node)
-            if name == "GetAtt":
-                value = value.split(".", 1)
-        elif isinstance(node, yaml.SequenceNode):
-            value = loader.construct_sequence(node, deep=True)
-        else:
-            value = loader.construct_mapping(node, deep=True)
-        return {key: value}
-
-    return construct
-
-
-for _name in _TAGS:
-    _CfnLoader.add_constructor(f"!{_name}", _tag(_name))
-
-
-def load_template(path: str | os.PathLike) -> dict:
-    """A CloudFormation YAML template, short-form tags as ``{"Fn::Sub": ...}`` dicts."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.load(f, Loader=_CfnLoader)
-    except (OSError, yaml.YAMLError) as exc:
-        raise FirehoseError(f"{path}: cannot read the template: {exc}") from exc
-
-
-_NAME_PROPERTY = {
-    "AWS::KinesisFirehose::DeliveryStream": ("DeliveryStreamName",),
-    "AWS::Glue::Database": ("DatabaseInput", "Name"),
-    "AWS::Athena::WorkGroup": ("Name",),
-    "AWS::Logs::LogGroup": ("LogGroupName",),
-    "AWS::Logs::LogStream": ("LogStreamName",),
-    "AWS::IoT::TopicRule": ("RuleName",),
-}
-
-
-def resolve(value, template: dict, params: dict | None = None, buckets: dict | None = None):
-    """``value`` with Ref, Fn::Sub, Fn::GetAtt and Fn::Join replaced by local values.
-
-    ``params`` override the template's parameter defaults; ``buckets`` maps an S3 bucket's
-    logical id to its local name.
-    """
-    params = dict(params or {})
-    buckets = buckets or {}
-    pseudo = {"AWS::Region": "us-east-1", "AWS::AccountId": "000000000000", "AWS::Partition": "aws",
-              "AWS::StackName": "local", "AWS::URLSuffix": "amazonaws.com", "AWS::NoValue": None}
-    resources = template.get("Resources", {})
-
-    def ref(name: str):
-        if name in params:
-            return params[name]
-        if name in pseudo:
-            return pseudo[name]
-        if name in template.get("Parameters", {}):
-            default = template["Parameters"][name].get("Default")
-            if default is None:
-                raise FirehoseError(f"Parameters.{name}: no Default and no value given")
-            return str(default)
-        if name in resources:
-            res = resources[name]
-            if res["Type"] == "AWS::S3::Bucket":
-                return buckets.get(name, f"local-{name.lower()}")
-            value = res.get("Properties", {})
-            for part in _NAME_PROPERTY.get(res["Type"], ()):
-                value = value.get(part) if isinstance(value, dict) else None
-            if value is not None:
-                return walk(value)
-            return f"local-{name}"
-        raise FirehoseError(f"Ref {name}: no such parameter or resource")
-
-    def getatt(name: str, attr: str):
-        if name not in resources:
-            raise FirehoseError(f"Fn::GetAtt {name}.{attr}: no such resource")
-        kind = resources[name]["Type"]
-        physical = ref(name)
-        if attr == "Arn":
-            if kind == "AWS::S3::Bucket":
-                return f"arn:aws:s3:::{physical}"
-            service = kind.split("::")[1].lower()
-            return f"arn:aws:{service}:us-east-1:000000000000:{name.lower()}/{physical}"
-        return f"{physical}.{attr}"
-
-    def sub(text: str, local: dict) -> str:
-        def one(m: re.Match) -> str:
-            inner = m.group(1)
-            if inner.startswith("!"):
-                return "${" + inner[1:] + "}"
-            if inner in local:
-                return str(walk(local[inner]))
-            if "." in inner and inner.split(".", 1)[0] in resources:
-                return str(getatt(*inner.split(".", 1)))
-            return str(ref(inner))
-        return re.sub(r"\$\{([^}]+)\}", one, text)
-
-    def walk(v):
-        if isinstance(v, list):
-            return [walk(x) for x in v]
-        if not isinstance(v, dict):
-            return v
-        if len(v) == 1:
-            (k, arg), = v.items()
-            if k == "Ref":
-                return ref(arg)
-            if k == "Fn::Sub":
-                return sub(arg, {}) if isinstance(arg, str) else sub(arg[0], arg[1])
-            if k == "Fn::GetAtt":
-                return getatt(*(arg if isinstance(arg, list) else arg.split(".", 1)))
-            if k == "Fn::Join":
-                return str(arg[0]).join(str(walk(x)) for x in walk(arg[1]))
-        return {k: walk(x) for k, x in v.items()}
-
-    return walk(value)
 
 
 # ------------------------------------------------------------------ Java date patterns
@@ -358,11 +225,12 @@ class LocalFirehose:
         self.root = Path(root)
         self.clock = clock
         template = load_template(template_path)
-        buckets = {k: bucket for k, r in template.get("Resources", {}).items() if r["Type"] == "AWS::S3::Bucket"}
+        names = dict(params or {})
+        names.update({k: bucket for k, r in template.get("Resources", {}).items() if r["Type"] == "AWS::S3::Bucket"})
         self.streams: dict[str, StreamConfig] = {}
         for logical, res in template.get("Resources", {}).items():
             if res["Type"] == "AWS::KinesisFirehose::DeliveryStream":
-                props = resolve(res.get("Properties", {}), template, params, buckets)
+                props = resolve(res.get("Properties", {}), names, template=template)
                 cfg = StreamConfig.from_resource(logical, props)
                 self.streams[cfg.name] = cfg
         if not self.streams:
