@@ -536,5 +536,34 @@ class _NucleusGroup(click.Group):
 main.add_command(_NucleusGroup())
 
 
+class _LazyCommand(click.Command):
+    """A command of the local emulation (``module:attribute``), imported only when it is used: a
+    device has no ``emulator`` package, and the rest of ``gateway`` must not need it."""
+
+    def __init__(self, name: str, target: str, help: str) -> None:
+        super().__init__(name, help=help, short_help=help)
+        self.target = target
+
+    def _real(self) -> click.Command:
+        import importlib
+
+        module, attr = self.target.split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ImportError as exc:
+            raise click.ClickException(f"gateway {self.name} is part of the local emulation, which is not installed "
+                                       f"here ({exc}); install the project with its emulator extra") from None
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        return self._real().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        return self._real().invoke(ctx)
+
+
+main.add_command(_LazyCommand("dashboard", "emulator.dashboard:command",
+                              "Serve the dashboard of an emulated cloud (plots of consumption, anomalies and gateway health)."))
+
+
 if __name__ == "__main__":
     main()
