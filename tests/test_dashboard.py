@@ -264,3 +264,49 @@ def test_health_the_rules_engine_logged_is_what_the_dashboard_reads(tmp_path):
     assert [(p["ts"], p["pending"], p["lag_s"], p["model"]) for p in got["points"]] == [
         (T0, 3.0, 4.0, "m-C"), (T0 + H, 0.0, 0.0, "m-C")]
 
+
+def test_the_page_reads_through_the_real_local_athena(root, browser):
+    from emulator.athena import LocalAthena
+
+    repo = Path(__file__).resolve().parents[1]
+    athena = LocalAthena(root, template_path=repo / "cloud" / "analytics.yaml", bucket="metergateway-data")
+    with Dashboard(athena, health_dir_for(root, repo / "cloud" / "analytics.yaml")) as board:
+        browser.get(board.url + "?refresh=600")
+        wait = WebDriverWait(browser, 20)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#site option[value='15']"))
+        Select(browser.find_element(By.ID, "site")).select_by_value("15")
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-consumption-ready") == "15/")
+        el = "svg[data-chart='consumption'][data-meter-type='electricity']"
+        # the whole site: building 1433's electricity plus 1434's 7 kWh in hours 0-2
+        assert points(browser, el, "actual") == {
+            T0 + h * H: expected_electricity(h)[0] + (7.0 if h < 3 else 0.0) for h in range(6)}
+        (anomaly,) = browser.find_elements(By.CSS_SELECTOR, f"{el} circle.anomaly")
+        assert int(anomaly.get_attribute("data-ts")) == T0 + 4 * H
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-health-ready") == "gw-1")
+        assert points(browser, "svg[data-chart='health']", "pending") == dict(
+            zip([T0 + k * H for k in range(4)], [0.0, 120.0, 40.0, 0.0]))
+    # each query's result is a CSV in the workgroup's output location, as Athena writes it
+    assert list((root / "s3" / "metergateway-data" / "athena-results").glob("*.csv"))
+
+
+def test_command_serves_an_emulation_root_until_ctrl_c(root):
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "from emulator.dashboard import command; command()",
+                             "--root", str(root), "--port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("dashboard: http://127.0.0.1:") and line.endswith(" (Ctrl-C stops)\n"), line
+        url = line.split()[1]
+        with urllib.request.urlopen(url + "api/buildings", timeout=30) as r:
+            assert [s["site"] for s in json.load(r)["sites"]] == ["0", "15"]
+        with urllib.request.urlopen(url + "api/health?thing=gw-2", timeout=30) as r:
+            assert [p["autonomy_hours"] for p in json.load(r)["points"]] == [999.0]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
