@@ -149,6 +149,10 @@ class ModbusSource:
         self._counters: dict[str, tuple[float, int]] = {}
         self._clients: dict[tuple, Any] = {}
         self._locks: dict[tuple, asyncio.Lock] = {}
+        #: per device (by name): its registers, their coalesced requests, its energy register and
+        #: its jitter, fixed once the device is made, so not worked out again at every poll
+        self._plans: dict[str, tuple[list[Register], list[tuple[str, int, int]], Register]] = {}
+        self._jitters: dict[str, float] = {}
         self.cycles = 0
 
     def __repr__(self) -> str:
@@ -222,7 +226,17 @@ class ModbusSource:
         return Batch(readings, rejected, position)
 
     def _jitter(self, d: Device) -> float:
-        return self.jitter_s * (zlib.crc32(d.name.encode()) % 1000) / 1000
+        j = self._jitters.get(d.name)
+        if j is None:
+            j = self._jitters[d.name] = self.jitter_s * (zlib.crc32(d.name.encode()) % 1000) / 1000
+        return j
+
+    def _plan(self, d: Device) -> tuple[list[Register], list[tuple[str, int, int]], Register]:
+        p = self._plans.get(d.name)
+        if p is None:
+            regs = d.to_read
+            p = self._plans[d.name] = (regs, d.map.plan(regs), d.energy_register)
+        return p
 
     async def _poll_bus(self, bus: tuple, devices: list[Device], ts: int) -> tuple[list, list]:
         readings: list[Reading] = []
@@ -233,9 +247,10 @@ class ModbusSource:
         for d in sorted(devices, key=self._jitter):
             if ts < d.next_try_ts:
                 continue  # backing off
-            delay = start + self._jitter(d) - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            if self.jitter_s:
+                delay = start + self._jitter(d) - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             async with lock:  # one request at a time on a bus
                 try:
                     values = await self._read(bus, d)
@@ -243,7 +258,7 @@ class ModbusSource:
                     self._failed(d, ts, _describe(exc))
                     continue
             self._answered(d, ts, values)
-            r, q = self._count(d, ts, values[d.energy_register.name])
+            r, q = self._count(d, ts, values[self._plan(d)[2].name])
             readings.extend(r)
             rejected.extend(q)
         return readings, rejected
@@ -270,9 +285,9 @@ class ModbusSource:
 
     async def _read(self, bus: tuple, d: Device) -> dict[str, float]:
         """Read ``d``'s registers (coalesced) with its retries; its decoded values by name."""
-        regs = d.to_read
+        regs, requests, _energy = self._plan(d)
         answers: dict[tuple[str, int, int], list[int]] = {}
-        for kind, start, count in d.map.plan(regs):
+        for kind, start, count in requests:
             last: Exception | None = None
             for _attempt in range(d.retries + 1):
                 client = await self._client(bus, d)
@@ -319,7 +334,7 @@ class ModbusSource:
         d.last_values, d.last_ok_ts = values, ts
 
     def _count(self, d: Device, ts: int, value: float) -> tuple[list[Reading], list[Rejected]]:
-        reg = d.energy_register
+        reg = self._plan(d)[2]
         s = counters.step(self._counters.get(d.name), value, ts, reg, self.interval_ms, d.max_power_kw,
                           self.max_spread)
         self._counters[d.name] = s.state
