@@ -30,6 +30,11 @@
 - **score** (when a model is present): the scoring ``Buffer.put`` runs (featurization,
   onnxruntime, online per-meter update) against raw onnxruntime on a prebuilt feature matrix;
   the bytes one save of the per-meter statistics writes.
+- **modbus poll**: one poll cycle of the reference fleet (2,380 meters of the shipped maps in
+  turn on 10 TCP ports, 247 unit ids a port at most) through the real modbus source, against
+  the simulated fleet in its own process, timed from the interval boundary until the batch
+  holding every meter's reading of it is yielded; against a bare pymodbus client per port
+  sending the same requests, interleaved in the same run. The requests are the fleet's count.
 - **keys**: bytes written per reading (``/proc/self/io``) into a time-first and a meter-first
   key, same pragmas, one tick per transaction, on a table already holding hours of readings.
 - **start-up**, and a real ``gateway run`` process: its peak RSS and the bytes it wrote to
@@ -468,8 +473,12 @@ def _nucleus_main() -> None:
         bridge.close()
 
 
-class _Nucleus:
-    """:func:`_nucleus_main` as a child process; :meth:`ask` sends a command and reads the answer."""
+class _Child:
+    """A ``main`` of this module (its settings as one JSON line on stdin, one JSON line per
+    answer) as a child process; :meth:`ask` sends a command and reads the answer."""
+
+    what = "a child process"
+    main = ""
 
     def __init__(self, conf: dict[str, Any], log_path: Path, timeout_s: float):
         import queue
@@ -478,7 +487,7 @@ class _Nucleus:
 
         self.timeout_s = timeout_s
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-c", "from gateway.bench import _nucleus_main; _nucleus_main()"],
+        self.proc = subprocess.Popen([sys.executable, "-c", f"from gateway.bench import {self.main}; {self.main}()"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                      cwd=REPO)
         self._lines: queue.Queue[str | None] = queue.Queue()
@@ -503,7 +512,7 @@ class _Nucleus:
         answer = json.loads(line) if line else {"error": f"no answer to {what} within {self.timeout_s:g} s"}
         if "error" in answer:
             self._log.flush()
-            raise BenchError(f"bench: the nucleus process: {answer['error']}: "
+            raise BenchError(f"bench: {self.what}: {answer['error']}: "
                              f"{self.log_path.read_text()[-2000:]}")
         return answer
 
@@ -522,6 +531,13 @@ class _Nucleus:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+class _Nucleus(_Child):
+    """:func:`_nucleus_main` as a child process."""
+
+    what = "the nucleus process"
+    main = "_nucleus_main"
 
 
 def _arrivals(endpoint: str, port: int, cert, key, ca, topic_filter: str):
@@ -1115,6 +1131,219 @@ def model_figures(model_dir: str | Path | None = None) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------------------- modbus poll
+
+#: The reference fleet's buses as a site spreads them: 247 unit ids a port at most, so 10 ports.
+MODBUS_PORTS = -(-FLEET_METERS // 247)
+
+
+def _fleet_main() -> None:
+    """The simulated Modbus fleet for :func:`bench_modbus_poll` in its own process, as meters are
+    other machines: a :class:`~emulator.modbus_fleet.FleetServer` of the shipped maps in turn on
+    ``ports`` free ports, writing its devices CSV. Its settings come as one JSON line on stdin;
+    it answers one JSON line with its ports, then ``requests`` with the read requests it has
+    received. End of stdin stops it."""
+    import sys
+
+    from emulator.modbus_fleet import FleetServer
+    from gateway.registermap import shipped
+
+    conf = json.loads(sys.stdin.readline())
+    try:
+        fleet = FleetServer(meters=conf["meters"], ports=conf["ports"], base_port=0, maps=shipped(),
+                            devices_csv=conf["devices_csv"]).start()
+    except Exception as exc:  # noqa: BLE001 - handed to the bench, which fails the stage with it
+        print(json.dumps({"error": f"the fleet did not start: {exc}"}), flush=True)
+        return
+    try:
+        print(json.dumps({"ports": fleet.ports}), flush=True)
+        for line in sys.stdin:
+            if line.strip() == "requests":
+                print(json.dumps({"requests": fleet.requests}), flush=True)
+    finally:
+        fleet.stop()
+
+
+class _FleetProcess(_Child):
+    """:func:`_fleet_main` as a child process."""
+
+    what = "the modbus fleet process"
+    main = "_fleet_main"
+
+    def requests(self) -> int:
+        return self.ask("requests")["requests"]
+
+
+class _FleetThread:
+    """The same fleet in a thread of this process (its server loop shares the GIL with the source)."""
+
+    def __init__(self, conf: dict[str, Any]):
+        from emulator.modbus_fleet import FleetServer
+        from gateway.registermap import shipped
+
+        self.fleet = FleetServer(meters=conf["meters"], ports=conf["ports"], base_port=0, maps=shipped(),
+                                 devices_csv=conf["devices_csv"]).start()
+
+    def requests(self) -> int:
+        return self.fleet.requests
+
+    def close(self) -> None:
+        self.fleet.stop()
+
+
+class _BoundaryClock:
+    """The wall clock a source aligns to: waiting for the boundary moves it there at once, and
+    notes when (``perf_counter``), so a cycle is timed from its boundary."""
+
+    def __init__(self) -> None:
+        self.t = time.time()
+        self.boundary_at = 0.0
+
+    def wall(self) -> float:
+        return self.t
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool:
+        self.t += seconds
+        self.boundary_at = time.perf_counter()
+        return stop.is_set()
+
+
+def _raw_poll(devices: list, plans: dict[str, list[tuple[str, int, int]]], timeout_s: float) -> tuple[float, int]:
+    """The raw limit: a bare pymodbus ``AsyncModbusTcpClient`` per port, connected first, reading
+    every device's requests (``plans``, by device name) in turn on its port, all ports at once
+    on one asyncio loop, as the source's buses are. Seconds and requests."""
+    import asyncio
+
+    from pymodbus.client import AsyncModbusTcpClient
+
+    buses: dict[tuple[str, int], list] = {}
+    for d in devices:
+        buses.setdefault((d.host, d.port), []).append(d)
+
+    async def run() -> tuple[float, int]:
+        clients = {bus: AsyncModbusTcpClient(bus[0], port=bus[1], timeout=timeout_s, retries=0, reconnect_delay=0)
+                   for bus in buses}
+        try:
+            for bus, client in clients.items():
+                if not await client.connect():
+                    raise BenchError(f"bench: the raw pymodbus client cannot connect to {bus[0]}:{bus[1]}")
+
+            async def poll(bus: tuple[str, int]) -> int:
+                client, n = clients[bus], 0
+                for d in buses[bus]:
+                    for kind, start, count in plans[d.name]:
+                        read = client.read_holding_registers if kind == "holding" else client.read_input_registers
+                        rr = await read(start, count=count, device_id=d.unit_id)
+                        if rr.isError():
+                            raise BenchError(f"bench: the raw pymodbus client: {d.name} answered {rr}")
+                        n += 1
+                return n
+
+            t0 = time.perf_counter()
+            counts = await asyncio.gather(*(poll(bus) for bus in buses))
+            return time.perf_counter() - t0, sum(counts)
+        finally:
+            for client in clients.values():
+                client.close()
+
+    return asyncio.run(run())
+
+
+class _SourcePolls:
+    """A real :class:`~gateway.sources.modbus.ModbusSource`, built from ``spec`` as ``gateway run``
+    builds it, polling cycle by cycle: :meth:`cycle` is one, timed from its interval boundary
+    until its batch is yielded. The first poll (connecting, and each meter's baseline) is made
+    when it starts and is not timed."""
+
+    def __init__(self, spec: dict):
+        from gateway.runner import build_source
+
+        self.source = build_source(spec)
+        self.clock = _BoundaryClock()
+        self.source.wall, self.source.wait = self.clock.wall, self.clock.wait
+        self._batches = self.source.batches(None, threading.Event())
+        next(self._batches)
+
+    def cycle(self) -> tuple[float, Any]:
+        batch = next(self._batches)
+        seconds = time.perf_counter() - self.clock.boundary_at
+        down = {name: s for name, s in self.source.status().items() if s["state"] != "ok"}
+        if down:
+            name, s = next(iter(down.items()))
+            raise BenchError(f"bench: the modbus poll: {len(down)} meters did not answer, e.g. {name}: {s['error']}")
+        return seconds, batch
+
+    def close(self) -> None:
+        self._batches.close()  # closes its clients
+
+
+def bench_modbus_poll(meters: int = FLEET_METERS, ports: int = MODBUS_PORTS, *, own_process: bool = True,
+                      rounds: int = 5) -> dict[str, Any]:
+    """One poll cycle of the reference fleet through the real modbus source, from the interval
+    boundary until every meter's reading of that boundary is in the yielded batch, against the
+    simulated fleet (:mod:`emulator.modbus_fleet`: the shipped maps in turn, the meters spread
+    over ``ports`` TCP ports as a site's buses) on this machine, with the default timeout and
+    retries and no jitter.
+
+    The fleet runs in its own process (``own_process``): on a device the meters are other
+    machines. In the bench's process its pymodbus servers would share the source's GIL, and
+    they take about as much CPU a cycle as the source does, so the cycle would time the
+    simulated meters as much as the source.
+
+    ``rounds`` times, one source cycle then a bare pymodbus poll of the same requests
+    (:func:`_raw_poll`), interleaved so both see the same load on the machine; the best of
+    each. ``modbus_poll_ratio`` = raw seconds / source seconds (1.0: the source adds nothing).
+    The fleet counts the requests each received: both must send exactly the planned ones."""
+    from gateway.config import validate
+    from gateway.sources.modbus import Device
+
+    with disk_tempdir() as d:
+        csv_path = Path(d) / "devices.csv"
+        conf = {"meters": meters, "ports": ports, "devices_csv": str(csv_path)}
+        fleet = _FleetProcess(conf, Path(d) / "fleet.log", timeout_s=60) if own_process else _FleetThread(conf)
+        polls = None
+        try:
+            # as a site configures it: one modbus source reading the fleet's devices CSV
+            cfg = validate({"thing": THING, "buffer": {"path": str(Path(d) / "buffer.db")},
+                            "sources": [{"type": "modbus", "name": "fleet", "devices_csv": str(csv_path)}],
+                            "publisher": {"type": "memory"}}, Path(d))
+            spec = cfg.sources[0]
+            devices = [Device.from_spec(dev) for dev in spec["devices"]]
+            plans = {dev.name: dev.map.plan(dev.to_read) for dev in devices}
+            planned = sum(len(p) for p in plans.values())
+            timeout = max(dev.timeout_s for dev in devices)
+            polls = _SourcePolls(spec)
+            ours, raws = [], []
+            for _ in range(rounds):
+                before = fleet.requests()
+                seconds, batch = polls.cycle()
+                between = fleet.requests()
+                raw_s, raw_n = _raw_poll(devices, plans, timeout)
+                after = fleet.requests()
+                if between - before != planned or after - between != planned or raw_n != planned:
+                    raise BenchError(f"bench: the modbus poll: {planned} requests planned a cycle; the source sent "
+                                     f"{between - before}, the raw client {after - between}")
+                if len(batch.readings) != len(devices) or batch.rejected:
+                    raise BenchError(f"bench: the modbus poll: a cycle yielded {len(batch.readings)} readings and "
+                                     f"{len(batch.rejected)} rejected for {len(devices)} meters")
+                ours.append(seconds)
+                raws.append(raw_s)
+        finally:
+            if polls is not None:
+                polls.close()
+            fleet.close()
+    best, raw_best = min(ours), min(raws)
+    return {
+        "modbus_poll_s": best,
+        "modbus_poll_requests": planned,
+        "modbus_poll_raw_s": raw_best,
+        "modbus_poll_ratio": raw_best / best,
+        "modbus_poll_meters": len(devices),
+        "modbus_poll_ports": ports,
+        "modbus_poll_fleet": "its own process" if own_process else "the bench's process (sharing its GIL)",
+    }
+
+
 # ---------------------------------------------------------------------------------- all
 
 def run(n: int = 200_000, *, score: bool = True, startup_n: int = 3_000_000, iotcore_n: int = 40_000,
@@ -1142,6 +1371,9 @@ def run(n: int = 200_000, *, score: bool = True, startup_n: int = 3_000_000, iot
                            result.get("wire_bytes_per_scored_reading"), result.get("scored_readings_per_message"),
                            measured_per_s=result["drain_iotcore_readings_per_s"], measured_key="drain_iotcore"))
     del readings
+    progress(f"modbus poll: one cycle of {FLEET_METERS:,} meters on {MODBUS_PORTS} ports through the modbus source "
+             "vs a bare pymodbus client, the simulated fleet in its own process")
+    result.update(bench_modbus_poll())
     progress(f"keys: bytes written per reading, time-first vs meter-first ({key_prefill_ticks} ticks stored first)")
     result.update(bench_keys(key_ticks, key_prefill_ticks))
     progress(f"startup: open a buffer holding {startup_n:,} unsent readings and claim")
@@ -1176,6 +1408,7 @@ GOALS = {
     "wire_bytes_per_reading": ("<=", 60),
     "peak_rss_mb": ("<=", 150),
     "startup_s": ("<=", 2.0),
+    "modbus_poll_s": ("<=", 10.0),
     "score_ratio": (">=", 0.5),
     "disk_bytes_written_per_reading": ("<=", 256),
     "disk_bytes_written_per_reading_at_1x": ("<=", 256),

@@ -37,7 +37,8 @@ def test_bench_json_reports_every_stage():
                 "keys_time_first_bytes_written_per_reading", "keys_meter_first_bytes_written_per_reading",
                 "model_rmsle_alone", "model_rmsle_online", "ipc_drain_readings_per_s", "ipc_drain_ratio",
                 "ipc_drain_acked_readings_per_s", "ipc_drain_spool_max_bytes", "ipc_drain_max_in_flight", "ipc_drain_default_max_in_flight",
-                "ipc_drain_default_spool_readings_per_s"):
+                "ipc_drain_default_spool_readings_per_s", "modbus_poll_s", "modbus_poll_requests", "modbus_poll_raw_s",
+                "modbus_poll_ratio"):
         assert isinstance(result[key], (int, float)) and result[key] > 0, key
     assert result["readings"] == 5000
     assert result["gateway_scored"] is True
@@ -51,6 +52,8 @@ def test_bench_json_reports_every_stage():
     assert result["disk_filesystem"] not in ("tmpfs", "ramfs")  # else write_bytes would be 0
     assert result["wire_bytes_per_reading"] > result["payload_bytes_per_reading"]  # MQTT framing counted
     assert result["wire_bytes_per_scored_reading"] > result["wire_bytes_per_raw_reading"]
+    assert (result["modbus_poll_meters"], result["modbus_poll_ports"]) == (2380, 10)  # the reference fleet
+    assert result["modbus_poll_fleet"] == "its own process"
     assert result["iotcore_raw_binds"] in ("100 publishes/s", "512 KB/s")
     assert result["model_version"].startswith("ashrae-lgbm-")
     assert "· ingest: Buffer.put vs bare executemany" in out.stderr  # progress goes to stderr with --json
@@ -127,3 +130,16 @@ def test_the_ipc_drains_spool_holds_twice_the_backlog_and_never_less_than_the_nu
     mib = 1024 * 1024
     assert bench.ipc_spool_bytes(10_700_000) == 21 * mib  # 2 x 10.7 MB = 20.4 MiB, whole MiB up
     assert bench.ipc_spool_bytes(1000) == bench.NUCLEUS_DEFAULT_SPOOL_BYTES == 2_621_440
+
+
+@pytest.mark.parametrize("own_process", [True, False], ids=["fleet-in-its-own-process", "fleet-in-the-bench"])
+def test_the_modbus_poll_sends_each_meters_planned_requests_once_a_cycle(own_process):
+    # 50 meters of the shipped maps in turn (sorted: EM24, SDM630, iEM3000): 17 EM24 and 16
+    # iEM3000 read in 2 requests each, 17 SDM630 in 3; the fleet counts what it received.
+    result = bench.bench_modbus_poll(meters=50, ports=2, own_process=own_process, rounds=1)
+    assert result["modbus_poll_requests"] == 17 * 2 + 17 * 3 + 16 * 2
+    assert (result["modbus_poll_meters"], result["modbus_poll_ports"]) == (50, 2)
+    for key in ("modbus_poll_s", "modbus_poll_raw_s", "modbus_poll_ratio"):
+        assert isinstance(result[key], float) and result[key] > 0, key
+    where = "its own process" if own_process else "the bench's process (sharing its GIL)"
+    assert result["modbus_poll_fleet"] == where
