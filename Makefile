@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench setup system-deps clean
+.PHONY: demo docker-demo test bench setup system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,9 +33,18 @@ system-deps:
 		echo "installing chromium and chromium-driver (apt-get), for the dashboard's browser test"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+	@{ [ -x /usr/sbin/dockerd ] && command -v docker-compose >/dev/null 2>&1 && [ -x /usr/sbin/debootstrap ]; } || { \
+		echo "installing docker.io, docker-compose and debootstrap (apt-get), for make docker-demo and tests/test_docker.py"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose debootstrap >/dev/null; }
 
 demo: setup
 	$(BIN)/gateway demo
+
+# The demo in containers: base image from debootstrap (cached in var/docker/), our own dockerd
+# with host networking only, images built from docker/Dockerfile, docker-compose.yml's demo service.
+docker-demo: setup
+	$(BIN)/python -m emulator.docker demo
 
 test: setup
 	$(BIN)/pytest -q -p no:cacheprovider
