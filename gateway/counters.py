@@ -47,7 +47,14 @@ class Step(NamedTuple):
     readings: list[tuple[int, float]]  # (ts, kWh) for each interval
     event: str  # one of EVENTS
     problem: str | None  # why the poll is quarantined (reset, gap too long, spike), else None
-    raw: str  # what was seen, as JSON, for the quarantine record
+    seen: tuple  # (register, unit, value, ts, last): what was seen
+
+    @property
+    def raw(self) -> str:
+        """What was seen, as JSON, for the quarantine record (made only for a poll that goes there)."""
+        name, unit, value, ts, last = self.seen
+        return json.dumps({"register": name, "unit": unit, "value": value, "ts": ts,
+                           "last": None if last is None else {"value": last[0], "ts": last[1]}})
 
 
 def step(last: tuple[float, int] | None, value: float, ts: int, register: Register, interval_ms: int,
@@ -56,8 +63,7 @@ def step(last: tuple[float, int] | None, value: float, ts: int, register: Regist
     modulus = register.modulus
     if modulus is not None:
         value = value % modulus  # a signed counter past its top reads negative
-    raw = json.dumps({"register": register.name, "unit": register.unit, "value": value, "ts": ts,
-                      "last": None if last is None else {"value": last[0], "ts": last[1]}})
+    raw = (register.name, register.unit, value, ts, last)  # Step.raw turns it into JSON when needed
     if last is None:
         return Step((value, ts), [], "baseline", None, raw)
     old, old_ts = last
