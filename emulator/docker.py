@@ -9,7 +9,9 @@ No image registry can be reached from the machines this runs on, so nothing is p
 2. **The wheelhouse** is made on the host with :mod:`release.wheelhouse`, the same code that
    fills the Greengrass artifacts: the runtime dependencies (cached while pyproject.toml and
    the installed versions stay the same), the meter-gateway wheel built from ``gateway/``
-   alone, and the ``emulator`` extra. Images install it with ``pip --no-index``.
+   alone, the ``emulator`` extra and the build backend. Images install it with
+   ``pip --no-index``; the emulator image keeps it as its only package index, so
+   ``gateway build`` works in a container that reaches no index.
 3. **Two images** from ``docker/Dockerfile``: ``device`` (the gateway as a device runs it:
    a venv holding the meter-gateway wheel and its dependencies, no emulator code at all) and
    ``emulator`` (the device image plus the repository's ``emulator/``, data and model, which
@@ -262,18 +264,39 @@ def _download_cached(requirements: list[str], dest: Path) -> None:
     stamp.write_text(key)
 
 
+def build_requirements(repo: Path = REPO) -> list[str]:
+    """The ``[build-system] requires`` of pyproject.toml (setuptools), which ``pip wheel`` installs."""
+    with (repo / "pyproject.toml").open("rb") as f:
+        return list(tomllib.load(f)["build-system"]["requires"])
+
+
+def _download_build_backend(dest: Path) -> None:
+    """The build backend's wheels, so ``gateway build`` in the emulator image builds the
+    meter-gateway wheel with no index. Not constrained to the versions installed here: the
+    environment's own setuptools may be older than ``[build-system]`` asks for."""
+    requirements = build_requirements()
+    stamp = dest / ".request"
+    if stamp.is_file() and stamp.read_text() == json.dumps(requirements):
+        return
+    shutil.rmtree(dest, ignore_errors=True)
+    _run([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--quiet", "--disable-pip-version-check",
+          "--dest", dest, *requirements], "downloading the build backend's wheels")
+    stamp.write_text(json.dumps(requirements))
+
+
 def context(say: Callable[[str], None] = print, *, dest: Path = VAR / "context") -> Path:
-    """Assemble the build context: ``wheelhouse/{deps,project,emulator}`` and ``src/``."""
+    """Assemble the build context: ``wheelhouse/{deps,project,emulator,build}`` and ``src/``."""
     from release import wheelhouse
 
     say("· wheelhouse (release.wheelhouse): runtime dependencies, the meter-gateway wheel, the emulator extra")
     cache = VAR / "wheelhouse"
     _download_cached(wheelhouse.runtime_requirements(), cache / "deps")
     _download_cached(emulator_requirements(), cache / "emulator")
+    _download_build_backend(cache / "build")
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "wheelhouse").mkdir(parents=True)
-    for part in ("deps", "emulator"):
+    for part in ("deps", "emulator", "build"):
         shutil.copytree(cache / part, dest / "wheelhouse" / part, ignore=shutil.ignore_patterns(".request"))
     wheelhouse.build_project_wheel(dest / "wheelhouse" / "project")
     (dest / "wheelhouse" / "deps" / "requirements.txt").write_text(
