@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import codecs
 import datetime as _dt
+import functools
 import gzip
 import json
 import logging
@@ -216,6 +217,22 @@ class _Buffer:
 # ------------------------------------------------------------------ the service
 
 
+_SIMPLE_QUERY = re.compile(r"^[\s{}:,A-Za-z0-9_.]*$")
+_FIELD = re.compile(r"(?<![A-Za-z0-9_])\.([A-Za-z_][A-Za-z0-9_]*)")
+
+
+@functools.lru_cache(maxsize=64)
+def _top_fields(program: str) -> tuple[str, ...] | None:
+    """The top-level fields a MetadataExtraction query reads, when it is made only of object
+    constructions and paths (``{kind: .kind, site: .a.b}``); None for anything else (then jq gets
+    the whole record). Parsing the record once in Python and giving jq only those fields is the
+    same result, several times faster than jq parsing a whole message."""
+    if not _SIMPLE_QUERY.match(program) or ".." in program:
+        return None
+    fields = tuple(dict.fromkeys(_FIELD.findall(program)))
+    return fields or None
+
+
 class LocalFirehose:
     """Every delivery stream of a template, delivering into ``<root>/s3/<bucket>/``."""
 
@@ -304,7 +321,15 @@ class LocalFirehose:
 
     def _partition_keys(self, query, data: bytes) -> tuple[dict | None, str | None]:
         try:
-            out = query.input_text(data.decode("utf-8")).first()
+            fields = _top_fields(query.program_string)
+            if fields is None:
+                out = query.input_text(data.decode("utf-8")).first()
+            else:  # the query reads only these top-level fields: hand jq just them (a record is ~4 KB)
+                record = json.loads(data)
+                if not isinstance(record, dict):
+                    out = query.input_value(record).first()
+                else:
+                    out = query.input_value({k: record[k] for k in fields if k in record}).first()
         except (ValueError, UnicodeDecodeError) as exc:
             return None, f"Non JSON record provided: {exc}"
         if not isinstance(out, dict):
@@ -383,7 +408,7 @@ class LocalFirehose:
         key = f"{prefix}{cfg.name}-{STREAM_VERSION}-{stamp}-{uuid.uuid4()}"
         body = b"".join(buf.records)
         if cfg.compression == "GZIP":
-            body = gzip.compress(body, compresslevel=6)
+            body = gzip.compress(body, compresslevel=1)  # speed over size: the emulated cloud must keep up with the gateway
             key += ".gz"
         try:
             self._buckets[cfg.bucket].put(key, body)
