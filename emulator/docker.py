@@ -192,6 +192,7 @@ class Engine:
                 self.proc.wait()
         self.proc = None
         if self.run_dir is not None:
+            _unmount_under(self.run_dir)  # dockerd leaves exec/netns/default (an nsfs mount) behind
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
         if self._lock is not None:
@@ -203,6 +204,18 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _unmount_under(folder: Path) -> None:
+    """Unmount whatever is mounted at or under ``folder``, deepest first."""
+    prefix = str(folder.resolve())
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return
+    points = [line.split()[4].encode().decode("unicode_escape") for line in lines]
+    for point in sorted({p for p in points if p == prefix or p.startswith(prefix + "/")}, key=len, reverse=True):
+        subprocess.run(["umount", point], capture_output=True)
 
 
 # ---------------------------------------------------------------- the base image

@@ -12,6 +12,7 @@ installs it (``make test`` installs them through ``make system-deps``); it is ne
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -34,6 +35,20 @@ DEMO_SUMMARY = re.compile(r"^stored ([\d,]+) readings; delivered ([\d,]+) raw.*;
 
 def _n(text: str) -> int:
     return int(text.replace(",", ""))
+
+
+def test_engine_answers_then_stops_by_its_pid_leaving_nothing(tmp_path):
+    """Our own dockerd: ready when ``docker info`` answers; after stop() its process, socket,
+    run folder and mounts are gone."""
+    engine = d.Engine(tmp_path / "root").start()
+    pid, run_dir = engine.proc.pid, engine.run_dir
+    try:
+        info = json.loads(engine.docker("info", "--format", "{{json .}}").stdout)
+        assert info["DockerRootDir"] == str(tmp_path / "root")
+    finally:
+        engine.stop()
+    assert not Path(f"/proc/{pid}").exists() and not run_dir.exists()
+    assert str(run_dir) not in Path("/proc/self/mountinfo").read_text()
 
 
 @pytest.fixture(scope="module")
