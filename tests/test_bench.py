@@ -38,7 +38,8 @@ def test_bench_json_reports_every_stage():
                 "model_rmsle_alone", "model_rmsle_online", "ipc_drain_readings_per_s", "ipc_drain_ratio",
                 "ipc_drain_acked_readings_per_s", "ipc_drain_spool_max_bytes", "ipc_drain_max_in_flight", "ipc_drain_default_max_in_flight",
                 "ipc_drain_default_spool_readings_per_s", "modbus_poll_s", "modbus_poll_requests", "modbus_poll_raw_s",
-                "modbus_poll_ratio"):
+                "modbus_poll_ratio", "rules_readings_per_s", "rules_ratio", "rules_engine_alone_readings_per_s",
+                "rules_firehose_objects"):
         assert isinstance(result[key], (int, float)) and result[key] > 0, key
     assert result["readings"] == 5000
     assert result["gateway_scored"] is True
