@@ -1,158 +1,478 @@
-"""``gateway demo``: the whole data path on one machine, no AWS account, no device.
+"""``gateway demo``: meter → component → IPC → IoT Core → rule → analytics → dashboard, on one machine.
 
-1. Makes a CA, a server certificate and client certificates (thing = ``demo-gw``).
-2. Starts mosquitto with mutual TLS on a free port of 127.0.0.1, as IoT Core would expect.
-3. Subscribes to ``dt/#`` like a topic rule would.
-4. Runs the gateway on the bundled sample (``data/sample/readings.csv.gz``), scoring each
-   reading with the shipped model when one is present, until everything is acknowledged.
-5. Prints what arrived at the broker: messages and readings per topic, one example message,
-   the quarantine, and the buffer's status.
+No AWS account and no device: every piece is the real one or the emulator's stand-in, each in
+the process it would have, all on 127.0.0.1. In order:
+
+1. **Build.** ``gateway build`` (:mod:`release.build`) of both components, full wheelhouses, in a
+   checkout under ``<workdir>/build/`` (:func:`emulator.components.build_components`), so the
+   repository's own ``greengrass-build/`` is never touched.
+2. **IoT Core.** A CA, certificates for the thing ``demo-gw`` and the rules engine, and mosquitto
+   with mutual TLS (:mod:`emulator.broker`), its own process.
+3. **The cloud.** In this process: the topic rules of ``cloud/analytics.yaml`` and
+   ``cloud/legacy-iot-analytics.yaml`` (:mod:`emulator.rules`) on one MQTT5 client of the broker,
+   the local Firehose into the local S3 (``<workdir>/cloud/s3/metergateway-data/``), Athena over it,
+   IoT Analytics, and the dashboard (:mod:`emulator.dashboard`), served from the start.
+   The legacy design had one thing per meter type publishing one reading a message (the
+   template's header); the demo plays those things: each raw reading the gateway delivers is
+   handed to the legacy rules as ``dt/meters/<site>/metergateway-<meter type>/raw``
+   ``{"building", "ts", "value"}``, and they feed the IoT Analytics channel.
+4. **The meters.** :class:`~emulator.modbus_fleet.FleetServer` serves the bundled sample's 27
+   meters (``data/sample/readings.csv.gz``, replayed as hourly counters) as Modbus TCP units on
+   free ports. Fleet time runs ``3600 / poll_s`` times faster than the wall clock, so each poll
+   of the gateway reads one hour of the building's consumption: the counters move as the
+   sample's meters did, and the readings have the magnitudes the model knows. The power limits
+   of the devices CSV (``max_power_kw``) are scaled by the same factor, since the gateway's
+   clock sees that hour's energy in ``poll_s`` seconds.
+5. **Greengrass.** The local nucleus (``gateway nucleus --broker --certs --config``, its own
+   process) with a Disk spooler and ``maxInFlightPublishes: 100``; both components deployed by one
+   local deployment (``deployment create --merge ... --update-config``) whose configuration
+   MERGE gives the gateway two sources:
+
+   - ``sample``: a replay of the sample at ``speed: null`` (as fast as the limits allow:
+     the buffer, the forwarder's window, the nucleus's in-flight publishes). 11,134 rows of
+     2016; one is cut short and quarantined;
+   - ``fleet``: the ``modbus`` source polling the fleet every ``poll_s`` seconds (``interval_s``
+     can be 1 at the least). Its readings carry the wall clock's time, so they are told from
+     the sample's by their ``ts``; the model scores them too (with today's calendar features
+     and no weather), and the per-meter online correction has learned those very meters from
+     the sample.
+
+   Delivery is ``receipt``: a reading leaves the gateway's buffer only when the receipt rule has
+   republished its batch id, that is once the cloud's rules engine has taken the message, so
+   "nothing lost" holds end to end rather than up to the nucleus's spool (``handoff``). The
+   Disk spooler is still there: it holds what the bridge has not yet had acknowledged.
+6. **The run.** When every sample reading and ``polls`` readings of each fleet meter have
+   reached the rules engine, a second deployment MERGEs the sources without ``fleet`` (the
+   gateway reconfigures live, as in the field), the demo waits for a health message that says
+   nothing is pending or in flight, and stops the nucleus (every component's shutdown step).
+   Firehose's buffers are flushed and Athena counts what arrived.
+
+The summary ends with ``sent=<n> delivered=<n> anomalies=<n>``: ``sent`` is what the gateway's
+buffer counts as stored (``stored``: from its sources, quarantined rows excluded), ``delivered``
+the distinct ``(meter, ts)`` of raw readings in the analytics store (an Athena query over
+``readings``), ``anomalies`` the distinct scored readings there whose flag is set. Anything
+short is an error (exit 1). Then everything but the dashboard is stopped, and the dashboard is
+served until Ctrl-C (``--exit``: not at all). Ctrl-C or SIGTERM at any point stops every process
+the demo started, the nucleus with its shutdown steps.
 """
 
 from __future__ import annotations
 
+import csv
+import gzip
 import json
 import shutil
+import signal
+import threading
+import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import yaml
+from typing import Any, Callable
 
 from gateway.messages import decode
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "readings.csv.gz"
+WEATHER = REPO / "data" / "sample" / "weather_2016.json.gz"
 THING = "demo-gw"
+RULES_CLIENT = "demo-rules"
+BUCKET = "metergateway-data"
+LEGACY_PREFIX = "metergateway"
+FLEET_SOURCE, SAMPLE_SOURCE = "fleet", "sample"
+NUCLEUS_CONFIG = {"mqtt": {"maxPublishRetry": -1, "maxInFlightPublishes": 100,
+                           "spooler": {"storageType": "Disk", "pluginName": "aws.greengrass.DiskSpooler",
+                                       "maxSizeInBytes": 104857600, "keepQos0WhenOffline": False}}}
 
 
-def demo_config(workdir: Path, port: int, certs, *, model: Path | None, weather: Path | None) -> dict:
-    client = certs.client(THING)
-    conf: dict = {
-        "thing": THING,
-        "buffer": {"path": str(workdir / "buffer.db")},
-        "sources": [{"type": "replay", "name": "sample", "path": str(SAMPLE)}],
-        "publisher": {"type": "mqtt", "endpoint": "localhost", "port": port, "cert": str(client.cert),
-                      "key": str(client.key), "ca": str(certs.ca), "local": True},
-        "log_level": "WARNING",
-    }
-    if model is not None:
-        conf["model"] = {"path": str(model), "buildings": str(REPO / "data" / "building_metadata.csv")}
-    if weather is not None:
-        conf["weather"] = {"path": str(weather)}
-    return conf
+class DemoError(RuntimeError):
+    """A step of the demo failed; the message names the step and what to look at."""
 
 
-def run(workdir: Path, say: Callable[[str], None] = print, *, model: bool = True) -> dict:
-    """Run the demo in ``workdir`` (wiped first); return a summary dict."""
-    from emulator.broker import Mosquitto, make_certs
-    from gateway.config import validate
-    from gateway.publishers.mqtt import MqttSubscriber
-    from gateway.runner import Gateway
+@dataclass
+class Summary:
+    sent: int = 0
+    delivered: int = 0
+    anomalies: int = 0
+    delivered_by_source: dict[str, int] = field(default_factory=dict)
+    anomalies_by_source: dict[str, int] = field(default_factory=dict)
+    topics: dict[str, tuple[int, int]] = field(default_factory=dict)  # topic -> (messages, readings)
+    quarantine: list[dict] = field(default_factory=list)
+    model: str | None = None
+    scored: int = 0
+    legacy: dict[str, Any] = field(default_factory=dict)
+    objects: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    url: str = ""
 
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
-    say(f"· certificates for {THING} and a subscriber in {workdir / 'certs'}")
-    certs = make_certs(workdir / "certs", [THING, "demo-rule"])
-    with Mosquitto(workdir / "broker", certs) as broker:
-        say(f"· mosquitto with mutual TLS on 127.0.0.1:{broker.port}")
-        sub_cert = certs.client("demo-rule")
-        sub = MqttSubscriber("localhost", "demo-rule", sub_cert.cert, sub_cert.key, certs.ca,
-                             port=broker.port, topic_filter="dt/#").start()
-        model_dir = _model_dir() if model else None
-        weather = REPO / "data" / "sample" / "weather_2016.json.gz"
-        raw = demo_config(workdir, broker.port, certs, model=model_dir,
-                          weather=weather if model_dir is not None and weather.exists() else None)
-        (workdir / "gateway.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-        config = validate(raw, base=workdir)
-        say(f"· gateway run --config {workdir / 'gateway.yaml'}  (replay of {SAMPLE.relative_to(REPO)})")
-        gw = Gateway(config).start()
-        gw.wait(until_idle=True)
-        stored = gw.buffer.stats["stored"]
-        gw.stop()
-        expected = stored
-        counted = _Counter()
-        sub.wait_for(lambda msgs: counted.update(msgs) >= expected, timeout=30)
-        messages = sub.snapshot()
-        sub.close()
-    per_topic: Counter = Counter()
-    readings: Counter = Counter()
-    for m in messages:
-        per_topic[m.topic] += 1
-        readings[m.topic] += decode(m.payload)["n"]
-    from gateway.buffer import Buffer
-
-    from gateway.model.scoring import stored_status
-
-    buf = Buffer(workdir / "buffer.db", readonly=True)
-    status, quarantined = buf.status(), buf.quarantined()
-    status["scoring"] = stored_status(buf.db)
-    buf.close()
-    summary = {
-        "stored": stored,
-        "delivered_raw": _count(messages, "raw"),
-        "delivered_scored": _count(messages, "scored"),
-        "messages": len(messages),
-        "topics": {t: {"messages": per_topic[t], "readings": readings[t]} for t in sorted(per_topic)},
-        "example": next((decode(m.payload) for m in sorted(messages, key=lambda m: -len(m.payload))
-                         if m.topic.endswith("/raw")), None),
-        "example_scored": next((decode(m.payload) for m in messages if m.topic.endswith("/scored")), None),
-        "quarantine": quarantined,
-        "status": status,
-    }
-    return summary
+    @property
+    def line(self) -> str:
+        return f"sent={self.sent} delivered={self.delivered} anomalies={self.anomalies}"
 
 
-class _Counter:
-    """Raw readings received so far, counted incrementally (the predicate runs per message)."""
+class _Tap:
+    """The rules engine the broker binding drives: the templates' rules, then what the demo
+    watches (raw readings by source, the latest health) and the legacy things' messages."""
 
-    def __init__(self):
-        self.seen = 0
-        self.raw = 0
+    def __init__(self, engine, legacy, since_ms: int):
+        self.engine, self.legacy, self.since_ms = engine, legacy, since_ms
+        self.actions = engine.actions
+        self.cond = threading.Condition()
+        self.sample: set[tuple[str, int]] = set()
+        self.fleet: Counter[str] = Counter()
+        self.health: dict | None = None
+        self.legacy_sent = 0
 
-    def update(self, messages) -> int:
-        for m in messages[self.seen:]:
-            if m.topic.endswith("/raw"):
-                self.raw += decode(m.payload)["n"]
-        self.seen = len(messages)
-        return self.raw
+    def filters(self) -> list[str]:
+        return self.engine.filters()
+
+    def handle(self, topic: str, payload: bytes, client_id: str | None = None) -> int:
+        fired = self.engine.handle(topic, payload, client_id)
+        kind = topic.rsplit("/", 1)[-1]
+        if kind == "raw":
+            body = decode(payload)
+            site = topic.split("/")[2]
+            for meter, ts, value in body["readings"]:
+                building, _, meter_type = meter.partition(":")
+                self.legacy.handle(f"dt/meters/{site}/{LEGACY_PREFIX}-{meter_type}/raw",
+                                   json.dumps({"building": building, "ts": ts, "value": value}).encode(),
+                                   f"{LEGACY_PREFIX}-{meter_type}")
+            with self.cond:
+                self.legacy_sent += len(body["readings"])
+                for meter, ts, _ in body["readings"]:
+                    if ts < self.since_ms:
+                        self.sample.add((meter, ts))
+                    else:
+                        self.fleet[meter] += 1
+                self.cond.notify_all()
+        elif kind == "health":
+            with self.cond:
+                self.health = json.loads(payload)
+                self.cond.notify_all()
+        return fired
+
+    def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(predicate, timeout)
 
 
-def _count(messages, kind: str) -> int:
-    return sum(decode(m.payload)["n"] for m in messages if m.topic.endswith("/" + kind))
+def sample_expected() -> int:
+    """Readings the replay source makes of the sample (its rejected rows left out)."""
+    from gateway.sources.replay import ReplaySource
+
+    keys = set()
+    for batch in ReplaySource(SAMPLE_SOURCE, SAMPLE).batches(None, threading.Event()):
+        keys |= {(r.meter_id, r.ts) for r in batch.readings}
+    return len(keys)
 
 
-def _model_dir() -> Path | None:
-    try:
-        from gateway.model.paths import default_model
-    except ImportError:
-        return None
-    return default_model()
+COUNT_SQL = """
+WITH flat AS (
+    SELECT m.kind, element_at(r, 1) || '@' || element_at(r, 2) AS reading,
+           CAST(element_at(r, 2) AS bigint) AS ts, element_at(r, 6) IN ('true', '1') AS flag
+    FROM readings AS m CROSS JOIN UNNEST(m.readings) AS t (r)
+)
+SELECT kind, count(DISTINCT reading) AS readings,
+       count(DISTINCT CASE WHEN ts < {since} THEN reading END) AS sample,
+       count(DISTINCT CASE WHEN flag THEN reading END) AS flagged,
+       count(DISTINCT CASE WHEN flag AND ts < {since} THEN reading END) AS sample_flagged
+FROM flat GROUP BY kind
+"""
+TOPICS_SQL = "SELECT topic, count(*) AS messages, sum(n) AS readings FROM readings GROUP BY topic ORDER BY topic"
 
 
-def show(summary: dict, say: Callable[[str], None] = print) -> None:
-    from rich.console import Console
-    from rich.table import Table
+class Demo:
+    """The whole chain (see the module doc). :meth:`run` returns the summary with the dashboard
+    still served; :meth:`close` stops everything it started, whatever the point reached."""
 
-    console = Console()
-    t = Table(title="delivered to the broker")
-    t.add_column("topic")
-    t.add_column("messages", justify="right")
-    t.add_column("readings", justify="right")
-    for topic, n in summary["topics"].items():
-        t.add_row(topic, f"{n['messages']:,}", f"{n['readings']:,}")
-    console.print(t)
-    for title, ex in (("a raw message", summary["example"]), ("a scored message", summary["example_scored"])):
-        if ex:
-            shown = {**ex, "readings": ex["readings"][:3] + (["..."] if len(ex["readings"]) > 3 else [])}
-            say(f"{title}, as a topic rule receives it:")
-            say("  " + json.dumps(shown))
-    sc = summary["status"].get("scoring")
-    if sc:
-        say(f"model {sc['model']['version']}: {sc['scored']:,} readings scored, {sc['flagged']:,} flagged as anomalies")
-    for q in summary["quarantine"]:
+    def __init__(self, workdir: Path, *, port: int = 8050, broker_port: int = 0, fleet_port: int = 0,
+                 poll_s: int = 2, polls: int = 5, timeout_s: float = 300, say: Callable[[str], None] = print):
+        self.workdir = Path(workdir).resolve()
+        self.port, self.broker_port, self.fleet_port = port, broker_port, fleet_port
+        self.poll_s, self.polls, self.timeout_s = poll_s, polls, timeout_s
+        self.say = say
+        self._stops: list[tuple[str, Callable[[], Any]]] = []  # what to stop, last started first
+        self.nucleus = None
+        self.board = None
+        self.closed = False
+
+    # ------------------------------------------------------------------ the steps
+    def run(self) -> Summary:
+        from emulator.broker import Mosquitto, make_certs
+
+        s = Summary()
+        t_all = time.monotonic()
+        since_ms = int(time.time() * 1000)
+        self._fresh_workdir()
+        w = self.workdir
+
+        t = time.monotonic()
+        self.say(f"· gateway build of both components in {w / 'build'} (full wheelhouses)")
+        builds = self._build()
+        version = _version()
+        s.timings["build"] = time.monotonic() - t
+
+        certs = make_certs(w / "certs", [THING, RULES_CLIENT])
+        broker = Mosquitto(w / "broker", certs, port=self.broker_port).start()
+        self._stops.append(("mosquitto", broker.stop))
+        self.say(f"· IoT Core: mosquitto with mutual TLS on 127.0.0.1:{broker.port}")
+
+        tap, binding, firehose, athena, iota = self._cloud(broker, certs, since_ms)
+        s.url = self.board.url
+        self.say(f"· dashboard at {s.url}")
+
+        fleet, devices_csv = self._fleet()
+        self.say(f"· Modbus fleet: {len(fleet.devices)} meters of the sample on 127.0.0.1:"
+                 f"{','.join(map(str, fleet.ports))}, an hour of fleet time every {self.poll_s} s")
+
+        expected = sample_expected()
+        t = time.monotonic()
+        nucleus = self._nucleus(broker, certs)
+        self.say(f"· local nucleus (pid {nucleus.pid}): Disk spooler, maxInFlightPublishes 100, root {nucleus.root}")
+        work = nucleus.work("org.metergateway.Gateway")
+        work.mkdir(parents=True)
+        shutil.copy2(SAMPLE, work / "sample.csv.gz")  # relative paths are relative to the work folder
+        shutil.copy2(WEATHER, work / "weather_2016.json.gz")
+        sources = [{"type": "replay", "name": SAMPLE_SOURCE, "path": "sample.csv.gz", "speed": None},
+                   {"type": "modbus", "name": FLEET_SOURCE, "interval_s": self.poll_s,
+                    "devices_csv": str(devices_csv), "timeout_s": 1.0}]
+        config = {"sources": sources, "weather": {"path": "weather_2016.json.gz"},
+                  "publisher": {"delivery": "receipt", "receipt_timeout_s": 30},
+                  "greengrass": {"health_every_s": 1}}
+        self.say("· deployment: org.metergateway.Model and org.metergateway.Gateway, config MERGE: "
+                 f"replay of the sample (speed null) + modbus every {self.poll_s} s, delivery receipt")
+        self._deploy(nucleus, builds, "--merge", f"org.metergateway.Model={version}",
+                     "--merge", f"org.metergateway.Gateway={version}",
+                     "--update-config", json.dumps({"org.metergateway.Gateway": {"MERGE": config}}))
+        s.timings["deployment (Install steps included)"] = time.monotonic() - t
+
+        t = time.monotonic()
+        n_fleet = len(fleet.devices)
+        enough = lambda: len(tap.sample) >= expected and sum(min(v, self.polls) for v in tap.fleet.values()) >= \
+            n_fleet * self.polls  # noqa: E731
+        if not tap.wait(enough, self.timeout_s):
+            raise DemoError(f"after {self.timeout_s:.0f} s the rules engine has {len(tap.sample):,} of {expected:,} "
+                            f"sample readings and {sum(tap.fleet.values())} fleet readings; see "
+                            f"{nucleus.log('org.metergateway.Gateway')}")
+        s.timings["sample through the rules engine"] = time.monotonic() - t
+        self.say(f"· {len(tap.sample):,} sample readings and {sum(tap.fleet.values())} fleet readings reached "
+                 "the rules engine; the fleet source is removed by a deployment")
+        t = time.monotonic()
+        self._deploy(nucleus, builds, "--update-config",
+                     json.dumps({"org.metergateway.Gateway": {"MERGE": {"sources": sources[:1]}}}))
+        after_ms = int(time.time() * 1000)
+
+        def settled() -> bool:
+            h = tap.health
+            return bool(h) and h["ts"] > after_ms + 1000 and h["buffer"]["pending"] == 0 and \
+                (h.get("forwarder") or {}).get("in_flight_messages", 0) == 0
+        if not tap.wait(settled, 60):
+            raise DemoError(f"the gateway did not settle within 60 s (last health: {tap.health}); see "
+                            f"{nucleus.log('org.metergateway.Gateway')}")
+        s.timings["settled (nothing pending, nothing in flight)"] = time.monotonic() - t
+        self._stop("nucleus")
+        self._stop("modbus fleet")
+
+        self._read_buffer(work / "buffer.db", s)
+        t = time.monotonic()
+        s.objects = len(firehose.flush())
+        self._count(athena, since_ms, s)
+        s.legacy = self._legacy(iota, tap)
+        self.board.consumption.refresh()
+        s.timings["flush and count"] = time.monotonic() - t
+        s.timings["total"] = time.monotonic() - t_all
+        self._stop("rules engine")
+        self._stop("mosquitto")
+        return s
+
+    def _fresh_workdir(self) -> None:
+        w = self.workdir
+        if w.exists():
+            shutil.rmtree(w)
+        w.mkdir(parents=True)
+
+    def _build(self):
+        from emulator.components import build_components
+
+        log = (self.workdir / "build.log").open("w")
+        try:
+            builds, _ = build_components(self.workdir / "build", version=_version(), log=log)
+        except Exception as exc:
+            raise DemoError(f"gateway build failed: {exc} (log: {self.workdir / 'build.log'})") from exc
+        finally:
+            log.close()
+        return builds
+
+    def _cloud(self, broker, certs, since_ms: int):
+        from emulator.athena import LocalAthena
+        from emulator.dashboard import Dashboard, health_dir_for
+        from emulator.firehose import LocalFirehose
+        from emulator.iotanalytics import LocalIoTAnalytics
+        from emulator.rules.binding import BrokerBinding
+        from emulator.rules.engine import ANALYTICS, LEGACY, Actions, RulesEngine
+
+        root = self.workdir / "cloud"
+        firehose = LocalFirehose(root, ANALYTICS, bucket=BUCKET)
+        self._stops.append(("firehose", firehose.close))
+        iota = LocalIoTAnalytics(root, LEGACY)
+        self._stops.append(("iot analytics", iota.close))
+        athena = LocalAthena(root, ANALYTICS, bucket=BUCKET)
+        self._stops.append(("athena", athena.close))
+        engine = RulesEngine([ANALYTICS], Actions(firehose=firehose, s3=root / "s3", logs=root / "logs"))
+        legacy = RulesEngine([LEGACY], Actions(iotanalytics=iota, s3=root / "s3", logs=root / "logs"))
+        tap = _Tap(engine, legacy, since_ms)
+        client = certs.client(RULES_CLIENT)
+        binding = BrokerBinding(tap, "localhost", broker.port, client.cert, client.key, certs.ca,
+                                client_id=RULES_CLIENT).start()
+        self._stops.append(("rules engine", binding.close))
+        if not binding.wait_subscribed(20):
+            raise DemoError(f"the rules engine could not subscribe on 127.0.0.1:{broker.port}; see {broker.log_path}")
+        self.board = Dashboard(athena, health_dir_for(root, ANALYTICS), port=self.port)
+        self.board.start()
+        self._stops.append(("dashboard", self.board.stop))
+        return tap, binding, firehose, athena, iota
+
+    def _fleet(self):
+        from emulator.modbus_fleet import FleetServer
+
+        speed = 3600 / self.poll_s
+        fleet = FleetServer(meters=None, ports=3, base_port=self.fleet_port, replay=SAMPLE, speed=speed,
+                            log_path=self.workdir / "fleet" / "injected.jsonl").start()
+        self._stops.append(("modbus fleet", fleet.stop))
+        path = self.workdir / "fleet" / "devices.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            out = csv.writer(f)
+            out.writerow(fleet.devices[0]._fields)
+            for d in fleet.devices:  # the gateway sees an hour's energy in poll_s seconds
+                out.writerow(d._replace(max_power_kw=round(d.max_power_kw * speed, 1)))
+        return fleet, path
+
+    def _nucleus(self, broker, certs):
+        from emulator.components import NucleusProcess
+
+        config = self.workdir / "nucleus.json"
+        config.write_text(json.dumps(NUCLEUS_CONFIG, indent=2))
+        self.nucleus = NucleusProcess(self.workdir / "nucleus", THING, broker.port, certs.ca.parent, config,
+                                      output=self.workdir / "nucleus.out")
+        self.nucleus.start()
+        self._stops.append(("nucleus", self._stop_nucleus))
+        return self.nucleus
+
+    def _stop_nucleus(self) -> None:
+        code = self.nucleus.stop()
+        if code not in (0, None):
+            self.say(f"warning: the nucleus exited with {code}; see {self.nucleus.output}")
+
+    def _deploy(self, nucleus, builds, *args: str) -> None:
+        from emulator.components import DeployError
+
+        try:
+            d, out = nucleus.deploy(builds, *args, ok=False)
+        except DeployError as exc:
+            raise DemoError(str(exc)) from exc
+        if f"{d}: SUCCEEDED" not in out:
+            raise DemoError(f"deployment {d} did not succeed:\n{out.strip()}\n(nucleus log: "
+                            f"{nucleus.root / 'logs' / 'greengrass.log'})")
+
+    # ------------------------------------------------------------------ counting
+    def _read_buffer(self, path: Path, s: Summary) -> None:
+        from gateway.buffer import Buffer
+        from gateway.model.scoring import stored_status
+
+        buf = Buffer(path, readonly=True)
+        try:
+            status = buf.status()
+            s.sent = status["stored"]
+            s.quarantine = buf.quarantined()
+            scoring = stored_status(buf.db) or {}
+        finally:
+            buf.close()
+        s.model = (scoring.get("model") or {}).get("version")
+
+    def _count(self, athena, since_ms: int, s: Summary) -> None:
+        by_kind = {r["kind"]: r for r in athena.query(COUNT_SQL.format(since=since_ms)).dicts()}
+        raw = by_kind.get("raw", {})
+        s.delivered = int(raw.get("readings") or 0)
+        s.delivered_by_source = {SAMPLE_SOURCE: int(raw.get("sample") or 0),
+                                 FLEET_SOURCE: s.delivered - int(raw.get("sample") or 0)}
+        scored = by_kind.get("scored") or {}
+        s.scored = int(scored.get("readings") or 0)
+        s.anomalies = int(scored.get("flagged") or 0)
+        s.anomalies_by_source = {SAMPLE_SOURCE: int(scored.get("sample_flagged") or 0),
+                                 FLEET_SOURCE: s.anomalies - int(scored.get("sample_flagged") or 0)}
+        s.topics = {r["topic"]: (int(r["messages"]), int(r["readings"] or 0))
+                    for r in athena.query(TOPICS_SQL).dicts()}
+
+    def _legacy(self, iota, tap: _Tap) -> dict:
+        store = iota.datastore_query(f"SELECT count(*) FROM {LEGACY_PREFIX}_datastore").rows[0][0]
+        out = {"messages": tap.legacy_sent, "datastore": int(store), "datasets": {}}
+        for name in (f"{LEGACY_PREFIX}_highres", f"{LEGACY_PREFIX}_daily"):
+            path = iota.run_dataset(name)
+            with open(path, encoding="utf-8") as f:
+                out["datasets"][name] = (sum(1 for _ in f) - 1, path)
+        return out
+
+    # ------------------------------------------------------------------ stopping
+    def _stop(self, name: str) -> None:
+        for i, (n, fn) in enumerate(self._stops):
+            if n == name:
+                del self._stops[i]
+                fn()
+                return
+
+    def close(self) -> None:
+        """Stop everything still running, last started first (the nucleus with its shutdown
+        steps while the broker is still up); a second Ctrl-C meanwhile is ignored."""
+        if self.closed:
+            return
+        self.closed = True
+        restore = _ignore_signals()
+        try:
+            while self._stops:
+                name, fn = self._stops.pop()
+                try:
+                    fn()
+                except Exception as exc:  # keep stopping the rest
+                    self.say(f"warning: stopping the {name}: {type(exc).__name__}: {exc}")
+        finally:
+            restore()
+
+
+def _version() -> str:
+    import tomllib
+
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["version"]
+
+
+def _ignore_signals() -> Callable[[], None]:
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(sig, h) for sig, h in saved.items()]
+
+
+def show(s: Summary, say: Callable[[str], None] = print) -> None:
+    """The summary's lines, the last one ``sent=<n> delivered=<n> anomalies=<n>``."""
+    say("")
+    say(f"sources: {SAMPLE_SOURCE} (replay of {SAMPLE.name}) {s.delivered_by_source.get(SAMPLE_SOURCE, 0):,} "
+        f"readings delivered; {FLEET_SOURCE} (modbus) {s.delivered_by_source.get(FLEET_SOURCE, 0):,}")
+    width = max((len(t) for t in s.topics), default=0)
+    for topic, (messages, readings) in s.topics.items():
+        say(f"  {topic:<{width}}  {messages:>5,} messages  {readings:>7,} readings")
+    for q in s.quarantine:
         say(f"quarantined: {q['location']}: {q['reason']}")
-    say(f"stored {summary['stored']:,} readings; delivered {summary['delivered_raw']:,} raw"
-        + (f" and {summary['delivered_scored']:,} scored" if summary["delivered_scored"] else "")
-        + f" in {summary['messages']:,} messages; {summary['status']['pending']:,} pending.")
+    if s.model:
+        by = s.anomalies_by_source
+        say(f"model {s.model}: {s.scored:,} scored readings in the analytics store, {s.anomalies:,} flagged "
+            f"({by.get(SAMPLE_SOURCE, 0):,} of the sample, {by.get(FLEET_SOURCE, 0):,} of the fleet)")
+    lg = s.legacy
+    if lg:
+        sets = ", ".join(f"{name} {rows:,} rows" for name, (rows, _) in lg["datasets"].items())
+        say(f"legacy IoT Analytics: {lg['messages']:,} meter-thing messages, {lg['datastore']:,} in the datastore; "
+            f"datasets {sets}")
+    say(f"analytics store: {s.objects} Firehose objects in s3/{BUCKET}/readings/, counted by Athena")
+    say("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.timings.items()))
+    say(f"dashboard: {s.url}")
+    say(s.line)

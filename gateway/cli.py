@@ -286,20 +286,51 @@ def bench(n: int, as_json: bool, no_score: bool, startup_readings: int, iotcore_
 
 @main.command()
 @click.option("--workdir", default="var/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Where certificates, the broker and the buffer go (wiped first).")
-@click.option("--no-model", is_flag=True, help="Forward raw readings only.")
-def demo(workdir: str, no_model: bool) -> None:
-    """Run the gateway on the bundled sample against a local mosquitto; show what arrived."""
+              help="Where the build, certificates, broker, nucleus and emulated cloud go (wiped first).")
+@click.option("--exit", "exit_after", is_flag=True, help="Quit after the summary instead of serving the dashboard.")
+@click.option("--port", default=8050, show_default=True, help="The dashboard's port on 127.0.0.1 (0: a free one).")
+@click.option("--broker-port", default=0, show_default=True, help="mosquitto's port on 127.0.0.1 (0: a free one).")
+@click.option("--fleet-port", default=0, show_default=True,
+              help="The first of the Modbus fleet's three ports on 127.0.0.1 (0: free ones).")
+@click.option("--poll-s", default=2, show_default=True, type=click.IntRange(1, 60),
+              help="The modbus source's interval_s (each poll reads an hour of fleet time).")
+@click.option("--polls", default=5, show_default=True, type=click.IntRange(1, 1000),
+              help="Readings of each fleet meter before the fleet source is removed.")
+def demo(workdir: str, exit_after: bool, port: int, broker_port: int, fleet_port: int, poll_s: int,
+         polls: int) -> None:
+    """The whole chain on this machine: build both components, mosquitto as IoT Core, the local
+    nucleus running them, a Modbus fleet of the sample's meters, the rules engine, Firehose/S3/
+    Athena, IoT Analytics and the dashboard. Ends with `sent=N delivered=N anomalies=N`, then
+    serves the dashboard until Ctrl-C."""
+    import threading
+
     from emulator import demo as d
 
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
+    run = d.Demo(Path(workdir), port=port, broker_port=broker_port, fleet_port=fleet_port, poll_s=poll_s,
+                 polls=polls, say=click.echo)
+    code = 0
     try:
-        summary = d.run(Path(workdir).resolve(), say=click.echo, model=not no_model)
-    except GatewayError as exc:
-        _fail(exc)
-    d.show(summary, say=click.echo)
-    if summary["delivered_raw"] < summary["stored"]:
-        click.echo(f"error: {summary['stored'] - summary['delivered_raw']} readings did not arrive", err=True)
-        sys.exit(1)
+        summary = run.run()
+        d.show(summary, say=click.echo)
+        if summary.delivered != summary.sent:
+            click.echo(f"error: {summary.sent - summary.delivered:,} of the {summary.sent:,} readings the gateway "
+                       f"stored are not in the analytics store (see {run.workdir})", err=True)
+            code = 1
+        elif not exit_after:
+            click.echo(f"serving the dashboard at {summary.url} until Ctrl-C (everything else is stopped)")
+            threading.Event().wait()
+    except KeyboardInterrupt:
+        click.echo("interrupted: stopping everything the demo started", err=True)
+        code = 130
+    except (d.DemoError, GatewayError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        code = 1
+    finally:
+        run.close()
+    sys.exit(code)
 
 
 
