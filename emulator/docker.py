@@ -58,7 +58,7 @@ BASE_IMAGE = f"meter-gateway/base:{SUITE}"
 DEVICE_IMAGE = "meter-gateway/device:latest"
 EMULATOR_IMAGE = "meter-gateway/emulator:latest"
 
-#: What the emulator image carries of the repository (tracked files under these only).
+#: What the emulator image carries of the repository (files git does not ignore, under these only).
 SOURCE_PATHS = ("pyproject.toml", "README.md", "gateway", "emulator", "release", "data", "models",
                 "cloud", "recipes", "components", "recipe.yaml", "gdk-config.json")
 
@@ -314,11 +314,15 @@ def context(say: Callable[[str], None] = print, *, dest: Path = VAR / "context")
     wheelhouse.build_project_wheel(dest / "wheelhouse" / "project")
     (dest / "wheelhouse" / "deps" / "requirements.txt").write_text(
         "\n".join(wheelhouse.runtime_requirements()) + "\n")
-    tracked = _run(["git", "-C", REPO, "ls-files", "-z", "--", *SOURCE_PATHS], "listing the repository's files")
+    tracked = _run(["git", "-C", REPO, "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--",
+                    *SOURCE_PATHS], "listing the repository's files")  # the work tree, less what git ignores
     src = dest / "src"
     for name in filter(None, tracked.stdout.split("\0")):
         path = REPO / name
-        if path.is_file():  # a tracked file deleted in the work tree is left out
+        if path.is_symlink():  # kept as links (recipe.yaml, components/model/models): gateway build reads them so
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / name).symlink_to(path.readlink())
+        elif path.is_file():  # a tracked file deleted in the work tree is left out
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, src / name)
     shutil.copy2(DOCKERFILE, dest / "Dockerfile")
@@ -350,7 +354,7 @@ def demo(say: Callable[[str], None] = print) -> tuple[int, str, dict[str, float]
     """Build everything and run the compose stack's ``demo`` service; returns (exit code, its output, timings)."""
     with Engine() as engine:
         timings = build(engine, say)
-        say("· docker-compose run --rm demo")
+        say("· images built in " + _seconds(timings) + "; docker-compose run --rm demo")
         t = time.monotonic()
         (REPO / "var" / "docker" / "demo").mkdir(parents=True, exist_ok=True)
         lines: list[str] = []
@@ -365,23 +369,25 @@ def demo(say: Callable[[str], None] = print) -> tuple[int, str, dict[str, float]
     return proc.returncode, "".join(lines), timings
 
 
+def _seconds(timings: dict[str, float]) -> str:
+    return ", ".join(f"{step} {seconds:.0f} s" for step, seconds in timings.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m emulator.docker", description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=("demo", "build"), help="demo: build and run the demo; build: images only")
     args = parser.parse_args(argv)
-    started = time.monotonic()
     try:
         if args.what == "build":
             with Engine() as engine:
-                timings = build(engine)
-            code = 0
-        else:
-            code, _, timings = demo()
+                print("· images built in " + _seconds(build(engine)))
+            return 0
+        code, _, _ = demo()  # its output ends with the demo's own summary line
     except DockerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print("· seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
-          + f", total {time.monotonic() - started:.0f}", file=sys.stderr)
+    if code != 0:
+        print(f"error: the demo's container exited with {code}", file=sys.stderr)
     return code
 
 
