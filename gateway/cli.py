@@ -308,7 +308,8 @@ def demo(workdir: str, exit_after: bool, port: int, broker_port: int, fleet_port
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell's background job starts with it ignored
+        signal.signal(sig, interrupt)
     run = d.Demo(Path(workdir), port=port, broker_port=broker_port, fleet_port=fleet_port, poll_s=poll_s,
                  polls=polls, say=click.echo)
     code = 0
