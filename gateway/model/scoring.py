@@ -18,7 +18,9 @@ becomes NaN features, never a stop), featurizes in one vectorized call, runs onn
 updates the per-meter online statistics (:class:`~gateway.model.online.MeterStats`), which
 correct the model with the meter's own recent residuals and give the anomaly score. A reading
 whose building has no metadata cannot be scored: it is forwarded raw only, counted, and named
-in ``gateway status``.
+in ``gateway status``. Each reading's error of the model alone (before the online correction)
+feeds :class:`~gateway.model.drift.Drift`, the rolling figure of how well the model in use still
+fits, per site and meter type.
 
 Online learning is idempotent per meter: a reading at or before the newest one a meter has
 learned from (a late reading, or one offered again) is judged but not learned twice. Scores are
@@ -39,6 +41,7 @@ from typing import Callable
 import numpy as np
 
 from gateway.errors import ModelError
+from gateway.model.drift import Drift
 from gateway.model.features import WEATHER_FIELDS, Buildings, featurize
 from gateway.model.online import MeterStats
 from gateway.model.scorer import Scorer
@@ -131,14 +134,19 @@ class ReadingScorer:
     each meter has learned; they are loaded here, and saved by the buffer inside its own put
     transactions (:meth:`save` with the buffer's connection), only what changed, at most every
     ``save_every_s``. A crash loses at most that much learning, never a score already stored.
+    ``drift``: the rolling error of the model alone (:mod:`gateway.model.drift`), saved with them
+    (``scoring_status`` row ``drift``).
     """
 
     def __init__(self, holder: ModelHolder, buildings: Buildings, *, stats: MeterStats | None = None,
-                 weather=None, weather_max_age_ms: int = 3 * 3600 * 1000, db_path: str | Path | None = None,
+                 drift: Drift | None = None, weather=None, weather_max_age_ms: int = 3 * 3600 * 1000,
+                 db_path: str | Path | None = None,
                  save_every_s: float = 600.0, clock: Callable[[], float] = time.monotonic):
         self.holder = holder
         self.buildings = buildings
-        self.stats = stats or MeterStats()
+        # `is None`, not `or`: an empty MeterStats or Drift (len 0) is falsy, and its settings count
+        self.stats = MeterStats() if stats is None else stats
+        self.drift = Drift() if drift is None else drift
         self.weather = weather
         self.weather_max_age_ms = weather_max_age_ms
         self.db_path = Path(db_path) if db_path else None
@@ -154,6 +162,7 @@ class ReadingScorer:
         self._bidx = np.zeros(0, dtype=np.int64)
         self._code = np.zeros(0, dtype=np.int64)
         self._site = np.zeros(0, dtype=np.int64)
+        self._group = np.zeros(0, dtype=np.int64)  # drift group (site and meter type)
         self._keys: list[str] = []
         if self.db_path is not None:
             self._db = sqlite3.connect(str(self.db_path), check_same_thread=False, isolation_level=None)
@@ -163,6 +172,16 @@ class ReadingScorer:
                              " last_ts INTEGER NOT NULL) WITHOUT ROWID")
             self._db.execute("CREATE TABLE IF NOT EXISTS scoring_status(key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID")
             self.last_ts = dict(self._db.execute("SELECT meter_key, last_ts FROM meter_learned"))
+            row = self._db.execute("SELECT value FROM scoring_status WHERE key = 'drift'").fetchone()
+            if row:
+                try:
+                    self.drift.load(json.loads(row[0]))
+                except (ValueError, KeyError, TypeError, ModelError) as exc:  # a figure, not worth a stop
+                    log.warning("drift: the saved figure in %s is not used (%s: %s); it starts afresh",
+                                self.db_path, type(exc).__name__, exc)
+                    d = self.drift
+                    self.drift = Drift(d.window_h, d.threshold, d.min_readings)
+        self.drift.use(holder.version)  # another model than the saved figure's: a fresh window
 
     def score(self, rows: list[tuple], meters: dict) -> tuple[str, list[tuple | None], Callable[[], None]]:
         """The buffer's ingest scorer: for rows starting (ts, meter id, value), the model version,
@@ -178,8 +197,9 @@ class ReadingScorer:
 
         def undo() -> None:
             if undo_state:
-                snap, last, learned, counts = undo_state
+                snap, last, learned, counts, drift = undo_state
                 self.stats.restore(snap)
+                self.drift.restore(drift)
                 for k, t in last.items():
                     if t is None:
                         self.last_ts.pop(k, None)
@@ -227,8 +247,12 @@ class ReadingScorer:
             actual = np.log1p(values)
         if undo_state is not None:
             undo_state.extend([self.stats.snapshot(keys), {k: self.last_ts.get(k) for k in keys},
-                               set(self._learned_keys), (self.scored, self.flagged)])
+                               set(self._learned_keys), (self.scored, self.flagged), self.drift.snapshot()])
         learn = self._learn_mask(keys, ts)
+        if learn.all():  # the model alone; a reading learned before was counted then
+            self.drift.update(model.version, self._group[m], ts, pred, actual)
+        else:
+            self.drift.update(model.version, self._group[m][learn], ts[learn], pred[learn], actual[learn])
         expected, score = self.stats.update(keys, pred, actual, learn=learn)
         flags = self.stats.flag(score)
         with np.errstate(over="ignore", invalid="ignore"):
@@ -255,7 +279,7 @@ class ReadingScorer:
         top = int(mids.max()) + 1
         if top > len(self._bidx):
             size = max(top, 2 * len(self._bidx), 1024)
-            for name, fill in (("_bidx", -2), ("_code", 0), ("_site", -1)):
+            for name, fill in (("_bidx", -2), ("_code", 0), ("_site", -1), ("_group", 0)):
                 old = getattr(self, name)
                 new = np.full(size, fill, dtype=np.int64)
                 new[: len(old)] = old
@@ -270,6 +294,7 @@ class ReadingScorer:
             self._code[mid] = METER_CODE[info.meter]
             self._site[mid] = int(self.buildings.site[b[0]]) if ok else -1
             self._keys[mid] = info.key
+            self._group[mid] = self.drift.group(info.site, info.meter)
 
     def _learn_mask(self, keys: list[str], ts: np.ndarray) -> np.ndarray:
         last = self.last_ts
@@ -314,6 +339,7 @@ class ReadingScorer:
         db.executemany("INSERT OR REPLACE INTO meter_learned VALUES(?, ?)",
                        [(k, self.last_ts[k]) for k in self._learned_keys])
         db.execute("INSERT OR REPLACE INTO scoring_status VALUES('status', ?)", (json.dumps(self.status()),))
+        db.execute("INSERT OR REPLACE INTO scoring_status VALUES('drift', ?)", (json.dumps(self.drift.state()),))
 
     def saved(self) -> None:
         """What :meth:`save` wrote has committed."""
@@ -336,6 +362,7 @@ class ReadingScorer:
             "unscored": sum(self.unscored.values()),
             "unscored_reasons": dict(self.unscored.most_common(10)),
             "meters_learned": len(self.stats),
+            "drift": self.drift.report(),
         }
 
 
