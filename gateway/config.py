@@ -103,6 +103,9 @@ Reference (defaults in brackets)::
       threads: 1                    # [1] 1..64
       threshold: 3.5                # [3.5] anomaly score at or above which a reading is flagged
       save_every_s: 600             # [600] save what the meters learned this often (a crash loses at most that)
+      drift_window_h: 24            # [24] drift: RMSLE of the model alone over this many hours of data time, <= 8760
+      drift_threshold: 2.5          # [2.5] a site and meter type (or the fleet) above this RMSLE marks the model stale
+      drift_min_readings: 24        # [24] ... when at least this many readings are behind the figure
       enabled: true                 # [true]
     weather:                        # optional
       path: data/sample/weather_2016.json.gz
@@ -144,6 +147,7 @@ MIN_BUDGET_MB = 1
 #: The largest durations, in s: beyond them a timeout or window means "never" and overflows timers.
 MAX_WINDOW_S = 365 * 86_400
 MAX_TIMEOUT_S = 86_400
+MAX_DRIFT_WINDOW_H = 8760  # a year of data time
 #: The simulator's shortest and longest interval, in s.
 MIN_INTERVAL_S, MAX_INTERVAL_S = 1, 86_400
 
@@ -743,13 +747,16 @@ def _csv_value(c: _Checker, where: str, kind: type | tuple, cell: str) -> Any:
 
 
 def _model_section(c: _Checker, top: dict) -> dict:
-    m = c.mapping("model", top.get("model"), {"path", "buildings", "threads", "threshold", "enabled", "save_every_s"},
-                  {"path"})
+    m = c.mapping("model", top.get("model"), {"path", "buildings", "threads", "threshold", "enabled", "save_every_s",
+                                              "drift_window_h", "drift_threshold", "drift_min_readings"}, {"path"})
     out = {
         "enabled": c.get("model", m, "enabled", bool, True),
         "threads": c.get("model", m, "threads", int, 1, check=between(1, 64)),
         "threshold": c.get("model", m, "threshold", (int, float), 3.5, check=gt(0)),
         "save_every_s": c.get("model", m, "save_every_s", (int, float), 600, check=positive(MAX_TIMEOUT_S)),
+        "drift_window_h": c.get("model", m, "drift_window_h", (int, float), 24, check=positive(MAX_DRIFT_WINDOW_H)),
+        "drift_threshold": c.get("model", m, "drift_threshold", (int, float), 2.5, check=gt(0)),
+        "drift_min_readings": c.get("model", m, "drift_min_readings", int, 24, check=at_least(1)),
     }
     if "path" in m:
         out["path"] = c.path("model.path", c.get("model", m, "path", str), kind="dir")

@@ -412,7 +412,8 @@ class GreengrassAgent:
 
     def health(self) -> dict:
         """The health message: buffer depth and age, rates, evictions, autonomy, forwarder,
-        stages, model, weather (see the README)."""
+        stages, model, drift of the model alone (:mod:`gateway.model.drift`), weather (see the
+        README)."""
         gw, s = self.gateway, self.settings
         assert gw is not None and s is not None
         st: dict = {}
@@ -439,6 +440,7 @@ class GreengrassAgent:
             "model": None if scoring is None else {
                 **scoring["model"], "announced": self.announced.payload() if self.announced else None,
                 "scored": scoring["scored"], "flagged": scoring["flagged"], "unscored": scoring["unscored"]},
+            "drift": None if scoring is None else scoring.get("drift"),
             "weather": weather,
         }
 

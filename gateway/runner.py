@@ -101,6 +101,7 @@ def build_scorer(config: Config, db_path: Any, *, weather: Any = None, watch_mod
     m = config.model
     if not m or not m.get("enabled", True):
         return None
+    from gateway.model.drift import Drift
     from gateway.model.features import Buildings
     from gateway.model.online import MeterStats
     from gateway.model.scoring import ModelHolder, ReadingScorer
@@ -116,7 +117,9 @@ def build_scorer(config: Config, db_path: Any, *, weather: Any = None, watch_mod
         else:
             weather.update(replay.messages)
         max_age = config.weather["max_age_ms"]
+    drift = Drift(m.get("drift_window_h", 24), m.get("drift_threshold", 2.5), m.get("drift_min_readings", 24))
     return ReadingScorer(holder, Buildings.from_csv(m["buildings"]), stats=MeterStats(threshold=m["threshold"]),
+                         drift=drift,
                          save_every_s=m.get("save_every_s", 600),
                          weather=weather, weather_max_age_ms=max_age, db_path=db_path)
 
@@ -126,7 +129,8 @@ def build_scorer(config: Config, db_path: Any, *, weather: Any = None, watch_mod
 LIVE_KEYS = frozenset({
     "log_level", "forwarder.batch_size", "forwarder.claim_size", "forwarder.window",
     "forwarder.backoff_min_s", "forwarder.backoff_max_s", "forwarder.auth_retry_s", "forwarder.basic_ingest_rule",
-    "model.path", "model.threshold", "model.save_every_s", "weather.max_age_ms",
+    "model.path", "model.threshold", "model.save_every_s", "model.drift_threshold", "model.drift_min_readings",
+    "weather.max_age_ms",
 })
 
 
@@ -425,6 +429,8 @@ class Gateway:
         if scorer is not None and config.model:
             scorer.stats.threshold = config.model["threshold"]
             scorer.save_every_s = config.model["save_every_s"]
+            scorer.drift.threshold = config.model["drift_threshold"]
+            scorer.drift.min_readings = config.model["drift_min_readings"]
             if config.weather:
                 scorer.weather_max_age_ms = config.weather["max_age_ms"]
             if "model.path" in keys and Path(config.model["path"]) != scorer.holder.path:
