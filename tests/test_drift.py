@@ -24,7 +24,7 @@ from gateway.model.drift import BINS, Drift
 from gateway.model.features import FEATURE_NAMES, Buildings
 from gateway.model.paths import default_buildings, default_model
 from gateway.model.scorer import Scorer
-from gateway.model.scoring import ModelHolder, ReadingScorer
+from gateway.model.scoring import ModelHolder, ReadingScorer, stored_status
 from gateway.readings import Reading
 from gateway.runner import build_scorer
 from gateway.sources.replay import ReplaySource
@@ -243,6 +243,7 @@ def test_drift_counts_each_reading_once_forgets_a_rolled_back_put_and_survives_a
     kept = buf.scorer.drift.report()
     buf.scorer.save_every_s = 0.0
     buf.put(readings[-1:])  # a put that saves
+    assert stored_status(buf.db)["drift"] == kept  # what `gateway status --json` shows under scoring
     buf.scorer.close()
     buf.close()
 
