@@ -5,7 +5,14 @@ The model predicts ``log1p(reading) − log(square feet)`` with LightGBM from
 so its one output is log1p(expected reading) and no caller can forget the transform.
 
 Output folder: ``model.onnx``, ``golden.json`` (feature rows + expected outputs, for the hot-swap
-check) and ``manifest.json`` (version, data range, metrics). Needs the ``train`` extra.
+check), ``manifest.json`` (version, data range and counts, metrics, lineage) and ``CARD.md`` (the
+model card, made from the manifest by :mod:`gateway.model.card`). Needs the ``train`` extra.
+
+Training reads an ASHRAE CSV (``--data``) or what the fleet sent, from the analytics store
+(``--from s3://bucket/prefix``, an emulation root, or an IoT Analytics dataset CSV; see
+:mod:`gateway.model.source`). The manifest's ``lineage`` names the parent model version (the one
+in service when this one was trained), the code version (``git describe``, or the installed
+package's version) and what trained it.
 """
 
 from __future__ import annotations
@@ -70,6 +77,54 @@ def load_training_data(data_path: str | Path, buildings_csv: str | Path | None =
         table = table.take(np.flatnonzero(known))
     X = featurize(buildings, table.building_id, table.meter, table.ts_ms, table.weather)
     return table, buildings, X, np.log1p(table.meter_reading)
+
+
+def load_from(source, buildings_csv: str | Path | None = None, weather: str | Path | None = None):
+    """Read what the fleet sent from the analytics store (:func:`gateway.model.source.read`);
+    returns (table, buildings, X, log1p(y), training_data dict for the manifest)."""
+    from gateway.model import source as src
+    from gateway.model.paths import default_buildings
+
+    got = src.read(source, weather)
+    table = got.table
+    if len(table) == 0:
+        raise ModelError(f"{got.source}: no usable readings")
+    buildings_csv = buildings_csv or default_buildings()
+    if buildings_csv is None:
+        raise ModelError("no building metadata: give --buildings (messages carry no building metadata)")
+    buildings = Buildings.from_csv(buildings_csv)
+    known = buildings.is_known(table.building_id)
+    if not known.all():
+        log.info("%d readings of buildings without metadata dropped", int((~known).sum()))
+        table = table.take(np.flatnonzero(known))
+        got.table = table
+        got.dropped["building without metadata"] = int((~known).sum())
+    X = featurize(buildings, table.building_id, table.meter, table.ts_ms, table.weather)
+    data = got.lineage()
+    data["weather"] = Path(weather).name if weather else None
+    data["buildings_csv"] = Path(buildings_csv).name
+    return table, buildings, X, np.log1p(table.meter_reading), data
+
+
+def code_version() -> str:
+    """``git describe --tags --always --dirty`` of the checkout this runs from, else the package version."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / ".git").exists():
+        try:
+            done = subprocess.run(["git", "-C", str(repo), "describe", "--tags", "--always", "--dirty"],
+                                  capture_output=True, text=True, timeout=10)
+            if done.returncode == 0 and done.stdout.strip():
+                return f"git {done.stdout.strip()}"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"meter-gateway {version('meter-gateway')}"
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def known_bad_zeros(table) -> np.ndarray:
@@ -199,7 +254,7 @@ def _golden(X: np.ndarray, out: np.ndarray) -> dict:
 
 
 def train(
-    data_path: str | Path,
+    data_path: str | Path | None,
     out_dir: str | Path,
     buildings_csv: str | Path | None = None,
     params: dict | None = None,
@@ -210,16 +265,40 @@ def train(
     name: str | None = None,
     progress=None,
     clean: bool = True,
+    source: str | Path | None = None,
+    weather: str | Path | None = None,
+    parent: str | None = None,
+    trained_by: str = "gateway model train",
 ) -> dict:
-    """Train on ``data_path``, evaluate (unless ``evaluate=False``), write the model folder; returns the manifest.
+    """Train on ``data_path`` (an ASHRAE CSV) or ``source`` (the analytics store, see
+    :func:`load_from`), evaluate (unless ``evaluate=False``), write the model folder; returns the manifest.
 
     ``progress(done, total)`` is called after each fold and after the final fit. ``clean``: leave
-    :func:`known_bad_zeros` out of training (evaluation always keeps every reading).
+    :func:`known_bad_zeros` out of training (evaluation always keeps every reading). ``parent``:
+    the version of the model in service, for the lineage.
     """
+    if (data_path is None) == (source is None):
+        raise ModelError("give one of --data (an ASHRAE CSV) or --from (the analytics store)")
+    if source is not None:
+        table, buildings, X, ly, data = load_from(source, buildings_csv, weather)
+    else:
+        table, buildings, X, ly = load_training_data(data_path, buildings_csv)
+        data = {"path": Path(data_path).name, "readings": len(ly)}
+    return fit_and_write(table, X, ly, out_dir, training_data=data, params=params, rounds=rounds, folds=folds,
+                         threads=threads, evaluate=evaluate, name=name, progress=progress, clean=clean,
+                         parent=parent, trained_by=trained_by)
+
+
+def fit_and_write(
+    table, X, ly, out_dir, *, training_data: dict, params: dict | None = None, rounds: int = DEFAULT_ROUNDS,
+    folds: int = 5, threads: int = 0, evaluate: bool = True, name: str | None = None, progress=None,
+    clean: bool = True, parent: str | None = None, trained_by: str = "gateway model train",
+) -> dict:
+    """Fit on the rows of ``table`` (features ``X``, targets ``ly``), check ONNX parity in log
+    space, write the model folder and its card; returns the manifest."""
     params = {**DEFAULT_PARAMS, **(params or {})}
     out = Path(out_dir)
     name = name or out.name
-    table, buildings, X, ly = load_training_data(data_path, buildings_csv)
     log.info("%d readings of %d buildings, %d features", len(ly), len(np.unique(table.building_id)), X.shape[1])
     exclude = known_bad_zeros(table) if clean else np.zeros(len(ly), dtype=bool)
     log.info("%d known-bad zero readings left out of training", int(exclude.sum()))
@@ -242,10 +321,14 @@ def train(
         "feature_names": json.dumps(list(FEATURE_NAMES)),
         "target_transform": TARGET_TRANSFORM,
         "output": OUTPUT_NAME,
-        "training_data": json.dumps({"path": Path(data_path).name, "rows": len(ly), "from_local": first, "to_local": last,
+        "training_data": json.dumps({**training_data, "rows": len(ly), "from_local": first, "to_local": last,
+                                     "from_utc_ms": int(table.ts_ms.min()), "to_utc_ms": int(table.ts_ms.max()),
+                                     "buildings": int(len(np.unique(table.building_id))),
+                                     "meters": int(len(np.unique(table.building_id * 4 + table.meter))),
                                      "rows_fitted": len(keep), "excluded": "known_bad_zeros" if clean else "none"}),  # fmt: skip
         "metrics": json.dumps(metrics),
         "params": json.dumps({**params, "rounds": rounds}),
+        "lineage": json.dumps({"parent": parent, "code_version": code_version(), "trained_by": trained_by}),
     }
     body = model.SerializeToString()
     version = f"{name}-{stamp}-{hashlib.sha256(body).hexdigest()[:8]}"
@@ -275,10 +358,14 @@ def train(
         "training_data": json.loads(meta["training_data"]),
         "parity_max_abs_diff": diff,
         "metrics": metrics,
+        "lineage": json.loads(meta["lineage"]),
     }
     (out / "model.onnx").write_bytes(body)
     (out / "golden.json").write_text(json.dumps(_golden(golden_rows, expected.reshape(-1)), indent=1) + "\n")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    from gateway.model.card import write_card
+
+    write_card(out)
     log.info("wrote %s (%d bytes), version %s", out / "model.onnx", len(body), version)
     return manifest
 
@@ -287,22 +374,37 @@ def _command():
     import click
 
     @click.command("train")
-    @click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False))
+    @click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False),
+                  help="An ASHRAE CSV (readings with weather and metadata columns).")
+    @click.option("--from", "source", metavar="s3://BUCKET/PREFIX|DIR|CSV",
+                  help="The analytics store: Firehose objects on S3 or in an emulation root, or an IoT "
+                       "Analytics dataset CSV.")
     @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
     @click.option("--buildings", "buildings_csv", type=click.Path(exists=True, dir_okay=False), default=None,
-                  help="building_metadata.csv (default: the metadata columns of --data)")  # fmt: skip
+                  help="building_metadata.csv (default: the metadata columns of --data; with --from the "
+                       "bundled data/building_metadata.csv)")  # fmt: skip
+    @click.option("--weather", type=click.Path(exists=True, dir_okay=False), default=None,
+                  help="With --from: the weather feed's messages (JSON array, .gz allowed) to join.")
+    @click.option("--parent", "parent_dir", type=click.Path(exists=True, file_okay=False), default=None,
+                  help="The model folder in service, recorded as the parent in the lineage.")
     @click.option("--rounds", default=DEFAULT_ROUNDS, show_default=True)
     @click.option("--folds", default=5, show_default=True)
     @click.option("--no-eval", is_flag=True, help="skip the cross-validation")
     @click.option("--keep-bad-zeros", is_flag=True, help="train on known-bad zero stretches too")
-    def train_command(data_path, out_dir, buildings_csv, rounds, folds, no_eval, keep_bad_zeros):
-        """Train the model on an ASHRAE CSV and write MODEL_DIR (model.onnx, golden.json, manifest.json)."""
+    def train_command(data_path, source, out_dir, buildings_csv, weather, parent_dir, rounds, folds, no_eval,
+                      keep_bad_zeros):
+        """Train the model on an ASHRAE CSV or the analytics store and write MODEL_DIR (model.onnx,
+        golden.json, manifest.json, CARD.md)."""
         from rich.logging import RichHandler
 
         logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
         try:
+            parent = json.loads((Path(parent_dir) / "manifest.json").read_text())["version"] if parent_dir else None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise click.ClickException(f"--parent {parent_dir}: cannot read its manifest.json: {exc}") from exc
+        try:
             manifest = train(data_path, out_dir, buildings_csv, rounds=rounds, folds=folds, evaluate=not no_eval,
-                             clean=not keep_bad_zeros)  # fmt: skip
+                             clean=not keep_bad_zeros, source=source, weather=weather, parent=parent)  # fmt: skip
         except ModelError as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(json.dumps({"version": manifest["version"], "metrics": manifest["metrics"]}, indent=2))
