@@ -446,6 +446,81 @@ def model_check(model_dir: str) -> None:
     click.echo(f"{model_dir}: ok, version {s.version}")
 
 
+@model.command("publish")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--root", type=click.Path(file_okay=False),
+              help="A local nucleus's root (the emulator's, or /greengrass/v2): deploy the new version there.")
+@click.option("--version", "version", help="The component version (default with --root: the next patch of the "
+                                            "one the nucleus runs; required for AWS).")
+@click.option("--run", "run_steps", is_flag=True, help="On AWS: run the gdk publish and create-deployment steps "
+                                                       "instead of printing them.")
+@click.option("--workdir", default="var/publish", show_default=True, type=click.Path(file_okay=False),
+              help="Where the staged project and its greengrass-build/ go.")
+@click.option("--deployment", "deployment_template", type=click.Path(exists=True, dir_okay=False),
+              help="The create-deployment input to update (default: cloud/deployment.json).")
+def model_publish(model_dir: str, root: str | None, version: str | None, run_steps: bool, workdir: str,
+                  deployment_template: str | None) -> None:
+    """Build MODEL_DIR as the next org.metergateway.Model component version; deploy it to a local
+    nucleus (--root), or print (--run: run) the gdk publish and create-deployment steps for AWS."""
+    from gateway.model.publish import publish
+
+    try:
+        p = publish(model_dir, workdir=workdir, root=root, version=version, run=run_steps,
+                    deployment_template=deployment_template)
+    except GatewayError as exc:
+        _fail(exc)
+    click.echo(f"built {p.component} {p.version} (model {p.model}): --recipeDir {p.recipes} --artifactDir {p.artifacts}")
+    if p.deployment:
+        click.echo(f"deployed {p.component}={p.version} on {root}: deployment {p.deployment} SUCCEEDED")
+    elif not run_steps:
+        click.echo("to publish and deploy on AWS:")
+        for step in p.steps:
+            click.echo(f"  {step}")
+
+
+@main.command()
+@click.option("--from", "source", required=True, metavar="s3://BUCKET/PREFIX|DIR|CSV",
+              help="The analytics store (as `gateway model train --from`).")
+@click.option("--workdir", default="var/cycle", show_default=True, type=click.Path(file_okay=False),
+              help="Challengers, the cycles.jsonl record, the lock and the staged builds.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="A YAML file with a cycle: mapping (metric, margin, tolerance, holdout_buildings, ...).")
+@click.option("--champion", "champion_dir", type=click.Path(exists=True, file_okay=False),
+              help="The model in service (default: the nucleus's, the last promoted, or the shipped one).")
+@click.option("--root", type=click.Path(file_okay=False), help="A local nucleus: deploy a promoted model there.")
+@click.option("--aws", is_flag=True, help="Make the AWS publish and deployment steps for a promoted model.")
+@click.option("--run", "run_aws", is_flag=True, help="With --aws: run those steps.")
+@click.option("--version", "version", help="The component version to publish (default with --root: next patch).")
+@click.option("--buildings", "buildings_csv", type=click.Path(exists=True, dir_okay=False),
+              help="building_metadata.csv (default: the bundled one).")
+@click.option("--weather", type=click.Path(exists=True, dir_okay=False), help="The weather feed's messages to join.")
+@click.option("--margin", type=float, help="Overrides cycle.margin.")
+@click.option("--metric", help="Overrides cycle.metric.")
+def cycle(source: str, workdir: str, config_path: str | None, champion_dir: str | None, root: str | None, aws: bool,
+          run_aws: bool, version: str | None, buildings_csv: str | None, weather: str | None, margin: float | None,
+          metric: str | None) -> None:
+    """Train → compare → publish → deploy, once: train a challenger on the analytics store, compare it
+    with the model in service on held-out buildings and days, and ship it only when it is better by
+    the margin (else record it). Ends with one `cycle: promoted=OLD->NEW ...` or `cycle: kept=...` line."""
+    from gateway.model.cycle import CycleConfig, run as run_cycle
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = CycleConfig.load(config_path) if config_path else CycleConfig()
+        overrides = {k: v for k, v in (("margin", margin), ("metric", metric)) if v is not None}
+        if overrides:
+            from dataclasses import asdict
+
+            config = CycleConfig.from_dict({**asdict(config), **overrides})
+        result = run_cycle(source, workdir, config=config, champion_dir=champion_dir, root=root,
+                           buildings_csv=buildings_csv, weather=weather, aws=aws, version=version, run_aws=run_aws)
+    except GatewayError as exc:
+        _fail(exc, config_path)
+    for step in result.steps if not run_aws else []:
+        click.echo(f"  {step}")
+    click.echo(result.line())
+
+
 @main.command()
 @click.option("--component", type=click.Choice(["gateway", "model"]), default="gateway", show_default=True,
               help="Which component to build.")

@@ -126,6 +126,7 @@ class _Collector:
     def __init__(self) -> None:
         self.best: dict[tuple[str, int], tuple[int, str, float]] = {}  # key -> (rank, site, value)
         self.copies = 0
+        self.valid = 0  # copies that passed the checks
         self.dropped: dict[str, int] = {}
 
     def drop(self, reason: str, n: int = 1) -> None:
@@ -141,6 +142,7 @@ class _Collector:
         if not math.isfinite(v) or v < 0:
             self.drop("negative or not finite")
             return
+        self.valid += 1
         key = (meter, ts_i)
         rank = 0 if scored else 1
         old = self.best.get(key)
@@ -240,7 +242,7 @@ def read_firehose(source: str | Path, weather: str | Path | None = None,
     if out.objects == 0:
         raise ModelError(f"{out.source}: no readings objects (readings/kind=raw|scored/dt=.../*.gz) found")
     out.table = c.table(weather, max_age_ms)
-    out.copies, out.duplicates, out.dropped = c.copies, c.copies - len(c.best), c.dropped
+    out.copies, out.duplicates, out.dropped = c.copies, c.valid - len(c.best), c.dropped
     return out
 
 
@@ -266,7 +268,7 @@ def read_iotanalytics(path: str | Path, weather: str | Path | None = None,
         value = kwh / KBTU_KWH if row["site"] == "0" and row["meter_type"] == "electricity" else kwh
         c.add(row["site"], f"{row['building']}:{row['meter_type']}", row["ts"], value, scored=False)
     out = Readings(table=c.table(weather, max_age_ms), source=str(path), kind="iotanalytics", objects=1)
-    out.copies, out.duplicates, out.dropped = c.copies, c.copies - len(c.best), c.dropped
+    out.copies, out.duplicates, out.dropped = c.copies, c.valid - len(c.best), c.dropped
     return out
 
 

@@ -5,8 +5,9 @@ The model predicts ``log1p(reading) − log(square feet)`` with LightGBM from
 so its one output is log1p(expected reading) and no caller can forget the transform.
 
 Output folder: ``model.onnx``, ``golden.json`` (feature rows + expected outputs, for the hot-swap
-check), ``manifest.json`` (version, data range and counts, metrics, lineage) and ``CARD.md`` (the
-model card, made from the manifest by :mod:`gateway.model.card`). Needs the ``train`` extra.
+check) and ``manifest.json`` (version, data range and counts, metrics, lineage); ``gateway model
+train`` adds ``CARD.md``, the model card made from the manifest by :mod:`gateway.model.card`.
+Needs the ``train`` extra.
 
 Training reads an ASHRAE CSV (``--data``) or what the fleet sent, from the analytics store
 (``--from s3://bucket/prefix``, an emulation root, or an IoT Analytics dataset CSV; see
@@ -269,13 +270,15 @@ def train(
     weather: str | Path | None = None,
     parent: str | None = None,
     trained_by: str = "gateway model train",
+    card: bool = False,
 ) -> dict:
     """Train on ``data_path`` (an ASHRAE CSV) or ``source`` (the analytics store, see
     :func:`load_from`), evaluate (unless ``evaluate=False``), write the model folder; returns the manifest.
 
     ``progress(done, total)`` is called after each fold and after the final fit. ``clean``: leave
     :func:`known_bad_zeros` out of training (evaluation always keeps every reading). ``parent``:
-    the version of the model in service, for the lineage.
+    the version of the model in service, for the lineage. ``card``: also write ``CARD.md``
+    (:mod:`gateway.model.card`) into the folder.
     """
     if (data_path is None) == (source is None):
         raise ModelError("give one of --data (an ASHRAE CSV) or --from (the analytics store)")
@@ -286,13 +289,13 @@ def train(
         data = {"path": Path(data_path).name, "readings": len(ly)}
     return fit_and_write(table, X, ly, out_dir, training_data=data, params=params, rounds=rounds, folds=folds,
                          threads=threads, evaluate=evaluate, name=name, progress=progress, clean=clean,
-                         parent=parent, trained_by=trained_by)
+                         parent=parent, trained_by=trained_by, card=card)
 
 
 def fit_and_write(
     table, X, ly, out_dir, *, training_data: dict, params: dict | None = None, rounds: int = DEFAULT_ROUNDS,
     folds: int = 5, threads: int = 0, evaluate: bool = True, name: str | None = None, progress=None,
-    clean: bool = True, parent: str | None = None, trained_by: str = "gateway model train",
+    clean: bool = True, parent: str | None = None, trained_by: str = "gateway model train", card: bool = False,
 ) -> dict:
     """Fit on the rows of ``table`` (features ``X``, targets ``ly``), check ONNX parity in log
     space, write the model folder and its card; returns the manifest."""
@@ -363,9 +366,10 @@ def fit_and_write(
     (out / "model.onnx").write_bytes(body)
     (out / "golden.json").write_text(json.dumps(_golden(golden_rows, expected.reshape(-1)), indent=1) + "\n")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    from gateway.model.card import write_card
+    if card:
+        from gateway.model.card import write_card
 
-    write_card(out)
+        write_card(out)
     log.info("wrote %s (%d bytes), version %s", out / "model.onnx", len(body), version)
     return manifest
 
@@ -404,7 +408,7 @@ def _command():
             raise click.ClickException(f"--parent {parent_dir}: cannot read its manifest.json: {exc}") from exc
         try:
             manifest = train(data_path, out_dir, buildings_csv, rounds=rounds, folds=folds, evaluate=not no_eval,
-                             clean=not keep_bad_zeros, source=source, weather=weather, parent=parent)  # fmt: skip
+                             clean=not keep_bad_zeros, source=source, weather=weather, parent=parent, card=True)  # fmt: skip
         except ModelError as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(json.dumps({"version": manifest["version"], "metrics": manifest["metrics"]}, indent=2))
