@@ -22,17 +22,28 @@ when the dashboard does. Health comes from the log lines the rules engine's Clou
 under ``<root>/logs/<health log group>/`` (one JSON message a line, or a CloudWatch event whose
 ``message`` is one), read incrementally.
 
+Time ranges. A building's readings can come in periods far apart (``gateway demo``: a year of
+2016 replayed from the sample, then a few minutes of today from the live Modbus polls). The hours
+of the selection are split into *periods* wherever more than ``GAP_MS`` (30 days) passes without a
+reading, and the page offers a range for each: ``all``, each period (``period-<ms>``, by its first
+hour), and the last 24 hours and 7 days of data (``24h``, ``7d``, ending at the latest reading).
+The default is the period holding the most readings. ``all`` draws the periods side by side with
+the gaps between them collapsed into marked axis breaks, not empty space. The bucket (hour or day)
+follows the span drawn (the gaps left out), not the whole data. Periods come from the cached
+hourly aggregate (per selection, once per query result), so a range costs no query.
+
 The page (``dashboard_static/``) is plain HTML with a small script that draws SVG from the JSON
 endpoints: no library, no CDN, nothing from the network. Every drawn point carries its values in
 ``data-*`` attributes, so a test (and a curious user) can read the charts back.
 
 Endpoints: ``/api/buildings`` (sites, buildings, meter types, gateways), ``/api/consumption?site=
-&building=`` (building empty: the whole site), ``/api/health?thing=`` (thing empty: every gateway's
-latest health and the first gateway's series).
+&building=&range=`` (building empty: the whole site; range empty: the default period),
+``/api/health?thing=`` (thing empty: every gateway's latest health and the first gateway's series).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -56,6 +67,10 @@ HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 # Longer spans than this are drawn in daily buckets, so a chart never holds more than ~1,500 points.
 HOURLY_SPAN_MS = 62 * DAY_MS
+# More than this without a reading splits a selection's readings into periods (see the module doc).
+GAP_MS = 30 * DAY_MS
+# The ranges ending at the latest reading, by id: (label, length).
+RECENT_RANGES = {"24h": ("last 24 h", DAY_MS), "7d": ("last 7 days", 7 * DAY_MS)}
 # Health points drawn per gateway at most (the latest are kept).
 MAX_HEALTH_POINTS = 2000
 HEALTH_LOG_GROUP = "/metergateway/health"
@@ -129,6 +144,10 @@ class DashboardError(Exception):
     """The dashboard cannot start or cannot read its data (the message says which and where)."""
 
 
+class RangeError(DashboardError, ValueError):
+    """A request named a time range that does not exist (a 400: the caller's to fix)."""
+
+
 # ---------------------------------------------------------------------------------------- values
 
 def _text(v: Any) -> str | None:
@@ -197,9 +216,202 @@ class Snapshot:
     wall_ms: float = field(default_factory=lambda: time.time() * 1000)
     by_site: dict[str, list[Bucket]] = field(default_factory=dict)
 
+    _selections: dict = field(default_factory=dict, repr=False)
+
     def __post_init__(self) -> None:
         for b in self.buckets:
             self.by_site.setdefault(b.site, []).append(b)
+
+    def warm_like(self, other: "Snapshot") -> None:
+        """Compute the selections and views ``other`` computed (those the page asked for)."""
+        for (site, building), sel in list(other._selections.items()):
+            mine = self.selection(site, building or None)
+            for range_id in list(sel._views):
+                mine.view(range_id)
+
+    def selection(self, site: str, building: str | None) -> "Selection":
+        """The buckets of one site (or one of its buildings) with their periods, made once per
+        snapshot (a race makes it twice, harmlessly)."""
+        key = (site, building or "")
+        sel = self._selections.get(key)
+        if sel is None:
+            rows = [b for b in self.by_site.get(site, []) if not building or b.building == building]
+            sel = self._selections[key] = Selection(rows)
+        return sel
+
+
+@dataclass
+class Period:
+    """Hours with readings no more than GAP_MS apart: ``first_ms`` and ``last_ms`` are the first
+    and last hour's start."""
+
+    first_ms: int
+    last_ms: int
+    readings: int
+
+    @property
+    def end_ms(self) -> int:
+        return self.last_ms + HOUR_MS
+
+
+def periods_of(hours: list[int], readings: list[int]) -> list[Period]:
+    """Split sorted, distinct hours (with the readings in each) where the gap exceeds GAP_MS."""
+    out: list[Period] = []
+    for h, n in zip(hours, readings):
+        if out and h - out[-1].last_ms <= GAP_MS:
+            out[-1].last_ms, out[-1].readings = h, out[-1].readings + n
+        else:
+            out.append(Period(h, h, n))
+    return out
+
+
+def _day(ms: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ms / 1000))
+
+
+class Selection:
+    """One selection's buckets sorted by hour, its hours, and its periods."""
+
+    def __init__(self, rows: list[Bucket]):
+        self.rows = sorted(rows, key=lambda b: b.hour_ms)
+        self.row_hours = [b.hour_ms for b in self.rows]
+        per_hour: dict[int, int] = {}
+        for b in self.rows:
+            per_hour[b.hour_ms] = per_hour.get(b.hour_ms, 0) + b.readings
+        self.hours = list(per_hour)  # sorted, as the rows are
+        self.cumulative = [0]
+        for h in self.hours:
+            self.cumulative.append(self.cumulative[-1] + per_hour[h])
+        self.periods = periods_of(self.hours, [per_hour[h] for h in self.hours])
+        self._views: dict[str, dict] = {}
+        self._ranges: list[dict] | None = None
+
+    def readings_between(self, lo: int, hi: int) -> int:
+        i, j = bisect.bisect_left(self.hours, lo), bisect.bisect_left(self.hours, hi)
+        return self.cumulative[j] - self.cumulative[i]
+
+    def ranges(self) -> list[dict]:
+        """The ranges the page offers: ``[{id, label, from_ms, to_ms, readings}]``, ``to_ms``
+        exclusive; a period of its own only when there are several."""
+        if self._ranges is None:
+            self._ranges = self._make_ranges()
+        return self._ranges
+
+    def _make_ranges(self) -> list[dict]:
+        if not self.periods:
+            return []
+        first, end = self.periods[0].first_ms, self.periods[-1].end_ms
+        out = [{"id": "all", "label": "all", "from_ms": first, "to_ms": end,
+                "readings": self.cumulative[-1]}]
+        if len(self.periods) > 1:
+            for p in self.periods:
+                last_day = _day(p.last_ms)
+                label = _day(p.first_ms) if last_day == _day(p.first_ms) else f"{_day(p.first_ms)} – {last_day}"
+                out.append({"id": f"period-{p.first_ms}", "label": label, "from_ms": p.first_ms,
+                            "to_ms": p.end_ms, "readings": p.readings})
+        for rid, (label, length) in RECENT_RANGES.items():
+            lo = max(first, end - length)
+            out.append({"id": rid, "label": label, "from_ms": lo, "to_ms": end,
+                        "readings": self.readings_between(lo, end)})
+        return out
+
+    def default_range(self) -> str:
+        """The period holding the most readings (the later one on a tie), or ``all``."""
+        if len(self.periods) < 2:
+            return "all"
+        best = max(self.periods, key=lambda p: (p.readings, p.first_ms))
+        return f"period-{best.first_ms}"
+
+    def window(self, range_id: str | None) -> tuple[str, int, int]:
+        """``(range id shown, from_ms, to_ms)`` for a range id: empty gives the default; a
+        period id names the period holding its time (so it survives the period growing), and one
+        no period holds gives the default."""
+        ranges = {r["id"]: r for r in self.ranges()}
+        if not ranges:
+            return "all", 0, 0
+        rid = range_id or self.default_range()
+        if rid.startswith("period-") and rid not in ranges:
+            ms = int(rid[len("period-"):])
+            held = [p for p in self.periods if p.first_ms <= ms < p.end_ms]
+            rid = f"period-{held[0].first_ms}" if held and len(self.periods) > 1 else self.default_range()
+        r = ranges.get(rid) or ranges[self.default_range()]
+        return r["id"], r["from_ms"], r["to_ms"]
+
+    def view(self, range_id: str | None) -> dict:
+        """The charts' data for a range (see Consumption.consumption), computed once per range
+        and snapshot: the page asks for the same every refresh."""
+        shown, lo, hi = self.window(range_id)
+        got = self._views.get(shown)
+        if got is None:
+            got = self._views[shown] = self._view(shown, lo, hi)
+        return got
+
+    def _view(self, shown: str, lo: int, hi: int) -> dict:
+        rows = self.rows_between(lo, hi)
+        parts = self.segments(lo, hi)
+        span = sum(b - a for a, b in parts) - HOUR_MS * len(parts)  # first to last hour, gaps left out
+        step = HOUR_MS if span <= HOURLY_SPAN_MS else DAY_MS
+        segments = [[a - a % step, (b - HOUR_MS) - (b - HOUR_MS) % step] for a, b in parts]
+        breaks = [{"from_ms": segments[i][1], "to_ms": segments[i + 1][0]} for i in range(len(segments) - 1)]
+        by_type: dict[str, list[Bucket]] = {}
+        for b in rows:
+            by_type.setdefault(b.meter_type, []).append(b)
+        return {"bucket_ms": step, "range": shown, "ranges": self.ranges(), "from_ms": lo, "to_ms": hi,
+                "segments": segments, "breaks": breaks,
+                "series": [_series(meter_type, by_type[meter_type], step) for meter_type in sorted(by_type)]}
+
+    def rows_between(self, lo: int, hi: int) -> list[Bucket]:
+        return self.rows[bisect.bisect_left(self.row_hours, lo):bisect.bisect_left(self.row_hours, hi)]
+
+    def segments(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The periods' parts inside ``[lo, hi)``: what is drawn, the gaps between them left out."""
+        return [(max(p.first_ms, lo), min(p.end_ms, hi)) for p in self.periods
+                if p.first_ms < hi and p.end_ms > lo]
+
+
+def _series(meter_type: str, mine: list[Bucket], step: int) -> dict:
+    """One meter type's chart: its buckets summed per ``step``, its models and their switches."""
+    points: dict[int, list] = {}
+    models: dict[str, list[int]] = {}
+    things: set[str] = set()
+    for b in mine:
+        key = b.hour_ms - b.hour_ms % step
+        p = points.setdefault(key, [key, 0.0, None, 0, 0, None])
+        p[1] += b.kwh
+        if b.expected_kwh is not None:
+            p[2] = (p[2] or 0.0) + b.expected_kwh
+        p[3] += b.readings
+        p[4] += b.flagged
+        if b.max_score is not None:
+            p[5] = b.max_score if p[5] is None else max(p[5], b.max_score)
+        if b.model:
+            span = models.setdefault(b.model, [b.first_ts, b.last_ts])
+            span[0], span[1] = min(span[0], b.first_ts), max(span[1], b.last_ts)
+        if b.thing:
+            things.add(b.thing)
+    ordered = sorted(models.items(), key=lambda kv: kv[1][0])
+    switches = [{"ts": span[0], "from": ordered[i - 1][0], "to": model}
+                for i, (model, span) in enumerate(ordered) if i > 0]
+    return {
+        "meter_type": meter_type, "unit": "kWh", "things": sorted(things),
+        "points": [[k, round(p[1], 6), None if p[2] is None else round(p[2], 6), p[3], p[4], p[5]]
+                   for k, p in sorted(points.items())],
+        "models": [{"model": m, "first_ts": s[0], "last_ts": s[1]} for m, s in ordered],
+        "switches": switches,
+    }
+
+
+def parse_range(value: str | None) -> str | None:
+    """A ``range`` parameter checked: empty (the default), ``all``, ``24h``, ``7d`` or
+    ``period-<ms>``; anything else is a DashboardError naming what is allowed."""
+    if not value:
+        return None
+    if value == "all" or value in RECENT_RANGES:
+        return value
+    if value.startswith("period-") and value[len("period-"):].isdigit():
+        return value
+    raise RangeError(f"range={value!r} is not a time range: give all, {', '.join(RECENT_RANGES)} "
+                     f"or period-<first hour in ms> (the ids /api/consumption lists under \"ranges\")")
 
 
 class Consumption:
@@ -244,10 +456,14 @@ class Consumption:
         return sig is None or sig != snap.signature
 
     def refresh(self) -> Snapshot:
-        """Query now (waiting for a query under way first)."""
+        """Query now (waiting for a query under way first). The views the previous result served
+        are computed on the new one before it is served, so the page's next request is fast."""
         with self._lock:
-            self._snapshot = self._query(self.signature())
-            return self._snapshot
+            snap = self._query(self.signature())
+            if self._snapshot is not None:
+                snap.warm_like(self._snapshot)
+            self._snapshot = snap
+            return snap
 
     def _refresh_quietly(self) -> None:
         try:
@@ -316,46 +532,18 @@ class Consumption:
                 for site, blds in sorted(sites.items(), key=lambda kv: _natural(kv[0]))],
         }
 
-    def consumption(self, site: str, building: str | None) -> dict:
-        """Per meter type: points ``[bucket_ms, kwh, expected_kwh, readings, flagged, max_score]``,
-        the models that scored them and the switches between them."""
+    def consumption(self, site: str, building: str | None, range_id: str | None = None) -> dict:
+        """Per meter type, over the range asked for (None: the default; see the module doc):
+        points ``[bucket_ms, kwh, expected_kwh, readings, flagged, max_score]``, the models that
+        scored them and the switches between them. Besides: ``range`` (the id shown), ``ranges``
+        (every range offered), ``from_ms``/``to_ms`` (the range, ``to_ms`` exclusive),
+        ``segments`` (``[first, last]`` bucket of each period part drawn) and ``breaks`` (the
+        collapsed gaps between them, ``{from_ms, to_ms}`` from one segment's last bucket to the
+        next one's first)."""
+        range_id = parse_range(range_id)
         snap = self.snapshot()
-        rows = [b for b in snap.by_site.get(site, []) if not building or b.building == building]
-        span = (max(b.hour_ms for b in rows) - min(b.hour_ms for b in rows)) if rows else 0
-        step = HOUR_MS if span <= HOURLY_SPAN_MS else DAY_MS
-        series = []
-        for meter_type in sorted({b.meter_type for b in rows}):
-            mine = [b for b in rows if b.meter_type == meter_type]
-            points: dict[int, list] = {}
-            models: dict[str, list[int]] = {}
-            things: set[str] = set()
-            for b in mine:
-                key = b.hour_ms - b.hour_ms % step
-                p = points.setdefault(key, [key, 0.0, None, 0, 0, None])
-                p[1] += b.kwh
-                if b.expected_kwh is not None:
-                    p[2] = (p[2] or 0.0) + b.expected_kwh
-                p[3] += b.readings
-                p[4] += b.flagged
-                if b.max_score is not None:
-                    p[5] = b.max_score if p[5] is None else max(p[5], b.max_score)
-                if b.model:
-                    span_ = models.setdefault(b.model, [b.first_ts, b.last_ts])
-                    span_[0], span_[1] = min(span_[0], b.first_ts), max(span_[1], b.last_ts)
-                if b.thing:
-                    things.add(b.thing)
-            ordered = sorted(models.items(), key=lambda kv: kv[1][0])
-            switches = [{"ts": span_[0], "from": ordered[i - 1][0], "to": model}
-                        for i, (model, span_) in enumerate(ordered) if i > 0]
-            series.append({
-                "meter_type": meter_type, "unit": "kWh", "things": sorted(things),
-                "points": [[k, round(p[1], 6), None if p[2] is None else round(p[2], 6), p[3], p[4], p[5]]
-                           for k, p in sorted(points.items())],
-                "models": [{"model": m, "first_ts": s[0], "last_ts": s[1]} for m, s in ordered],
-                "switches": switches,
-            })
-        return {**self._meta(snap), "site": site, "building": building or "", "bucket_ms": step,
-                "series": series}
+        sel = snap.selection(site, building)
+        return {**self._meta(snap), "site": site, "building": building or "", **sel.view(range_id)}
 
 
 def _bucket_signature(athena: Any) -> Callable[[], Any]:
@@ -525,9 +713,12 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path == "/api/consumption":
                 if not q.get("site"):
                     return self._json({"error": "give ?site=<site id>"}, HTTPStatus.BAD_REQUEST)
-                return self._json(self.dashboard.consumption.consumption(q["site"], q.get("building") or None))
+                return self._json(self.dashboard.consumption.consumption(
+                    q["site"], q.get("building") or None, q.get("range") or None))
             if url.path == "/api/health":
                 return self._json(self.dashboard.health.health(q.get("thing") or None))
+        except RangeError as exc:
+            return self._json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
         except DashboardError as exc:
             return self._json({"error": str(exc)}, HTTPStatus.SERVICE_UNAVAILABLE)
         except BrokenPipeError:

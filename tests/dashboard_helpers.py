@@ -5,6 +5,9 @@ FakeAthena reads ``<root>/s3/<bucket>/readings/kind=*/dt=*/*.gz`` (gzip JSON lin
 line, as the template's Firehose writes them) as the Glue table ``readings`` with DuckDB, and runs
 Athena (Trino) SQL transpiled by sqlglot: the interface of emulator/athena.py's LocalAthena
 (``query(sql) -> Result(columns, rows)``, ``root``, ``bucket``) and nothing more.
+
+``year_and_today`` writes what ``gateway demo`` leaves in the bucket: a year of 2016 and a few
+readings from now, two periods a decade apart.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import gzip
 import json
 import random
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +104,28 @@ def write_health(health_dir: Path, thing: str, messages: list[dict]) -> Path:
     return path
 
 
+Y2016 = 1451606400000  # 2016-01-01T00:00:00Z
+HOUR = 3_600_000
+
+
+def year_and_today(root: Path, now_ms: int, *, site: str = "3", building: str = "42") -> tuple[int, list[int]]:
+    """What ``gateway demo`` leaves: a building's electricity read every hour of 2016 (1 kWh each,
+    scored by model m-2016, as the replayed sample is) and three raw readings of 5 kWh in the
+    three hours before ``now_ms`` (as the live Modbus polls are). Returns the number of 2016
+    readings and the hours of today's."""
+    meter = f"{building}:electricity"
+    hours = range(366 * 24)
+    rows = [[meter, Y2016 + h * HOUR, 1.0, 0.9, 0.1, False] for h in hours]
+    write_object(root, "scored", "2016-01-01", [
+        message("gw-sample", site, rows[i:i + 100], "scored", "m-2016", rows[i][1] + 2000)
+        for i in range(0, len(rows), 100)])
+    now_hour = now_ms - now_ms % HOUR
+    today = [now_hour - k * HOUR for k in (2, 1, 0)]
+    write_object(root, "raw", time.strftime("%Y-%m-%d", time.gmtime(now_ms / 1000)), [
+        message("gw-live", site, [[meter, ts + 60_000, 5.0] for ts in today], "raw", None, now_ms)])
+    return len(rows), today
+
+
 def fleet_day(root: Path, *, meters: int = 2380, per_meter: int = 1440, buildings: int = 1449,
               sites: int = 16, things: int = 16, day: str = "2024-06-01", flag_rate: float = 0.002,
               seed: int = 7) -> int:
@@ -142,7 +168,6 @@ def fleet_day(root: Path, *, meters: int = 2380, per_meter: int = 1440, building
 
 def measure(root: Path, athena) -> list[tuple[str, float, int]]:
     """Time the page's data endpoints over ``athena`` (first request: the query; then the cache)."""
-    import time
     import urllib.request
 
     from emulator.dashboard import Dashboard
@@ -162,7 +187,6 @@ if __name__ == "__main__":
     # python tests/dashboard_helpers.py DIR [--fake]: a fleet-day in DIR (made once), then the
     # endpoints' times through LocalAthena (or FakeAthena)
     import sys
-    import time
 
     root = Path(sys.argv[1])
     if not (root / "s3").exists():
