@@ -6,11 +6,15 @@ hours, reading value h+1 in hour h (hourly sum 4(h+1) kWh, expected 4(h+1)-2), o
 in hour 4, model m-A scoring hours 0-2 and m-B from hour 3; a raw copy of a scored reading (kept
 once, the scored copy) and a negative reading (dropped). Chilled water is raw, 20 kWh an hour.
 Site 0's electricity is in kBTU: 100 of them are 29.307107 kWh.
+
+Time ranges: site 3, building 42 has what ``gateway demo`` leaves (dashboard_helpers.year_and_today):
+1 kWh every hour of 2016 and 5 kWh in each of the three hours before now.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,8 +26,9 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from dashboard_helpers import FakeAthena, health_message, message, write_health, write_object
-from emulator.dashboard import Consumption, Dashboard, HealthLog, command, health_dir_for
+from dashboard_helpers import (Y2016, FakeAthena, health_message, message, write_health, write_object,
+                               year_and_today)
+from emulator.dashboard import Consumption, Dashboard, HealthLog, RangeError, command, health_dir_for
 
 T0 = 1717200000000  # 2024-06-01T00:00:00Z
 H = 3_600_000
@@ -188,9 +193,13 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
-def points(driver, chart_css: str, series: str) -> dict[int, float]:
-    return {int(c.get_attribute("data-ts")): float(c.get_attribute("data-value"))
-            for c in driver.find_elements(By.CSS_SELECTOR, f"{chart_css} circle.pt[data-series='{series}']")}
+def points(driver, chart_css: str, series: str, attr: str = "data-value") -> dict[int, float]:
+    """The drawn points' ``data-ts`` and ``attr``, read in one script call (not one round trip each)."""
+    got = driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])]"
+        ".map(c => [c.getAttribute('data-ts'), c.getAttribute(arguments[1])])",
+        f"{chart_css} circle.pt[data-series='{series}']", attr)
+    return {int(ts): float(v) for ts, v in got}
 
 
 def test_page_plots_consumption_anomalies_model_switch_and_health(root, browser, tmp_path):
@@ -310,3 +319,137 @@ def test_command_serves_an_emulation_root_until_ctrl_c(root):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------------------ time ranges: 2016 and today
+
+Y2017 = 1483228800000  # 2017-01-01T00:00:00Z
+D = 24 * H
+
+
+@pytest.fixture
+def two_periods(tmp_path) -> tuple[Path, list[int]]:
+    root = tmp_path / "cloud"
+    n, today = year_and_today(root, int(time.time() * 1000))
+    assert n == 366 * 24
+    return root, today
+
+
+def test_default_range_is_the_busiest_period_in_buckets_sized_to_it(two_periods):
+    root, today = two_periods
+    c = Consumption(FakeAthena(root))
+    got = c.consumption("3", "42")
+    p2016, p_today = f"period-{Y2016}", f"period-{today[0]}"
+    assert [(r["id"], r["readings"]) for r in got["ranges"]] == [
+        ("all", 366 * 24 + 3), (p2016, 366 * 24), (p_today, 3), ("24h", 3), ("7d", 3)]
+    assert got["range"] == p2016 and (got["from_ms"], got["to_ms"]) == (Y2016, Y2017)
+    assert got["bucket_ms"] == D  # a year: daily buckets
+    (el,) = got["series"]
+    assert [p[0] for p in el["points"]] == [Y2016 + d * D for d in range(366)]
+    assert {p[1] for p in el["points"]} == {24.0}
+    assert got["segments"] == [[Y2016, Y2017 - D]] and got["breaks"] == []
+    assert c.consumption("3", "42", p2016) == got
+
+
+def test_all_collapses_the_gap_and_short_ranges_are_hourly(two_periods):
+    root, today = two_periods
+    c = Consumption(FakeAthena(root))
+    every = c.consumption("3", "42", "all")
+    assert every["range"] == "all" and every["bucket_ms"] == D  # the span drawn is a year and 3 hours
+    days = sorted({t - t % D for t in today})
+    assert [p[0] for p in every["series"][0]["points"]] == [Y2016 + d * D for d in range(366)] + days
+    assert every["segments"] == [[Y2016, Y2017 - D], [days[0], days[-1]]]
+    assert every["breaks"] == [{"from_ms": Y2017 - D, "to_ms": days[0]}]
+    for rid in (f"period-{today[0]}", "24h", "7d"):
+        got = c.consumption("3", "42", rid)
+        assert got["range"] == rid and got["bucket_ms"] == H, rid
+        assert [(p[0], p[1]) for p in got["series"][0]["points"]] == [(t, 5.0) for t in today], rid
+        assert got["series"][0]["models"] == [] and got["breaks"] == [], rid
+    # a period named by any hour in it (it may have grown since), or gone: the period holding it, or the default
+    assert c.consumption("3", "42", f"period-{Y2016 + 100 * D}")["range"] == f"period-{Y2016}"
+    assert c.consumption("3", "42", "period-1")["range"] == f"period-{Y2016}"
+    with pytest.raises(RangeError, match=r"^range='last year' is not a time range: give all, 24h, 7d or "
+                                         r"period-<first hour in ms> \(the ids /api/consumption lists under "
+                                         r"\"ranges\"\)$"):
+        c.consumption("3", "42", "last year")
+
+
+def test_a_refresh_computes_the_views_served_before_it_is_served(two_periods):
+    root, today = two_periods
+    c = Consumption(FakeAthena(root), refresh_s=0)
+    c.consumption("3", "42"), c.consumption("3", "42", "24h")
+    write_object(root, "raw", "2016-01-01", [message("gw-live", "3", [["42:electricity", today[-1] + 120_000, 2.0]],
+                                                     "raw", None, today[-1])])
+    snap = c.refresh()
+    assert sorted(snap.selection("3", "42")._views) == ["24h", f"period-{Y2016}"]
+    assert c.consumption("3", "42", "24h")["series"][0]["points"][-1][1] == 7.0
+
+
+def test_a_single_period_offers_no_period_ranges(root):
+    got = Consumption(FakeAthena(root)).consumption("15", "1433", "7d")
+    assert [r["id"] for r in got["ranges"]] == ["all", "24h", "7d"]
+    assert got["range"] == "7d" and len(got["series"][0]["points"]) == 6
+
+
+def test_range_parameter_over_http(two_periods, tmp_path):
+    root, today = two_periods
+    with Dashboard(FakeAthena(root), tmp_path / "none") as board:
+        with urllib.request.urlopen(board.url + "api/consumption?site=3&building=42&range=24h", timeout=30) as r:
+            got = json.load(r)
+        assert got["range"] == "24h" and [p[0] for p in got["series"][0]["points"]] == today
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(board.url + "api/consumption?site=3&range=yesterday", timeout=30)
+        assert err.value.code == 400
+        assert json.loads(err.value.read())["error"].startswith("range='yesterday' is not a time range")
+
+
+def test_page_shows_the_busiest_period_and_switches_range(two_periods, browser, tmp_path):
+    root, today = two_periods
+    with Dashboard(FakeAthena(root), tmp_path / "none") as board:
+        browser.get(board.url + "?refresh=600")
+        wait = WebDriverWait(browser, 20)
+        body = lambda d: d.find_element(By.TAG_NAME, "body")  # noqa: E731
+        wait.until(lambda d: body(d).get_attribute("data-consumption-ready") == "3/")
+        Select(browser.find_element(By.ID, "building")).select_by_value("42")
+        wait.until(lambda d: body(d).get_attribute("data-consumption-ready") == "3/42")
+        el = "svg[data-chart='consumption'][data-meter-type='electricity']"
+
+        def shown():
+            return (body(browser).get_attribute("data-consumption-range"),
+                    int(browser.find_element(By.CSS_SELECTOR, el).get_attribute("data-bucket-ms")),
+                    points(browser, el, "actual"))
+
+        rid, bucket, pts = shown()
+        assert rid == f"period-{Y2016}" and bucket == D
+        assert len(pts) == 366 and all(Y2016 <= t < Y2017 for t in pts) and set(pts.values()) == {24.0}
+        assert browser.find_elements(By.CSS_SELECTOR, f"{el} .axis-break") == []
+        buttons = browser.find_elements(By.CSS_SELECTOR, "#range button")
+        assert [b.get_attribute("data-range") for b in buttons] == [
+            "all", f"period-{Y2016}", f"period-{today[0]}", "24h", "7d"]
+        assert [b.text for b in buttons][:2] == ["all", "2016-01-01 – 2016-12-31"]
+        (active,) = browser.find_elements(By.CSS_SELECTOR, "#range button.active")
+        assert active.get_attribute("data-range") == f"period-{Y2016}"
+        assert active.get_attribute("aria-pressed") == "true"
+
+        browser.find_element(By.CSS_SELECTOR, "#range button[data-range='all']").click()
+        wait.until(lambda d: body(d).get_attribute("data-consumption-range") == "all")
+        rid, bucket, pts = shown()
+        assert bucket == D and len(pts) == 366 + len({t - t % D for t in today})
+        assert max(pts) >= today[0] - today[0] % D
+        (gap,) = browser.find_elements(By.CSS_SELECTOR, f"{el} g.axis-break")
+        assert int(gap.get_attribute("data-from-ts")) == Y2017 - D
+        assert int(gap.get_attribute("data-to-ts")) == today[0] - today[0] % D
+        # the break is drawn between the periods: 2016's last point left of it, today's right
+        x = points(browser, el, "actual", "cx")
+        rect = gap.find_element(By.TAG_NAME, "rect")
+        left = float(rect.get_attribute("x"))
+        assert x[Y2017 - D] < left < left + float(rect.get_attribute("width")) < x[max(x)]
+        assert len(browser.find_elements(By.CSS_SELECTOR, f"{el} .series.actual polyline")) == 2
+        shot = tmp_path / "dashboard-all.png"
+        assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+        browser.find_element(By.CSS_SELECTOR, "#range button[data-range='24h']").click()
+        wait.until(lambda d: body(d).get_attribute("data-consumption-range") == "24h")
+        rid, bucket, pts = shown()
+        assert bucket == H and pts == {t: 5.0 for t in today}
+        assert browser.find_elements(By.CSS_SELECTOR, f"{el} .axis-break") == []
