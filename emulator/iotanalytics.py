@@ -768,6 +768,7 @@ class LocalIoTAnalytics:
         self.home = self.root / "iotanalytics"
         self.home.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._listeners: list[Callable[[str, Path], None]] = []
         template = cfn.load_template(_template(template_path))
         params = dict(params or {})
         resources = template["Resources"]
@@ -1031,7 +1032,19 @@ class LocalIoTAnalytics:
                 self._run(other, schedule_time, creation_time, ran)
         log.info("dataset %s: content %s, %d rows, delivered to %s", name, version, len(result.rows),
                  delivered or "(kept only)")
-        return Path(delivered[0]) if delivered else kept
+        out = Path(delivered[0]) if delivered else kept
+        for listener in list(self._listeners):  # e.g. a retraining cycle, as the seed's notebook was
+            try:
+                listener(name, out)
+            except Exception:  # a listener's failure is its own; the content stands
+                log.exception("dataset %s: a content listener failed", name)
+        return out
+
+    def add_content_listener(self, fn: Callable[[str, Path], None]) -> Callable[[], None]:
+        """Call ``fn(dataset, csv_path)`` after each new dataset content (the way IoT Analytics
+        triggered the seed's notebook); returns a function that removes it."""
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn)
 
     def _prune(self, name: str, now: float) -> None:
         ds = self.datasets[name]

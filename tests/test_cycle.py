@@ -4,7 +4,6 @@ model publish`` (a model component version, deployed to a local nucleus) and ``g
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import zipfile
@@ -18,11 +17,15 @@ from click.testing import CliRunner
 from cycle_helpers import REPO, SAMPLE, WEATHER, send_sample, weakened
 from emulator.nucleus.kernel import Nucleus
 from emulator.nucleus.runner import wait_for
+from emulator.rules.actions import Actions
+from emulator.rules.engine import RulesEngine
+from gateway import ashrae
 from gateway.cli import main
 from gateway.model import source
 from gateway.model.publish import COMPONENT, deployed_version, publish
 from gateway.model.scorer import Scorer
 from gateway.model.train import load_from, load_training_data
+from gateway.readings import METER_TYPES
 from nucleus_helpers import remove, short_dir
 from test_build import lower_keys, schema
 
@@ -174,3 +177,40 @@ def test_publish_deploys_to_a_local_nucleus_then_the_cycle_ships_a_better_model(
     shipped = nucleus.root / "packages" / "artifacts-unarchived" / COMPONENT / "1.0.1" / "model" / "models"
     card = (shipped / "README.md").read_text()
     assert m.group(1) in card and "Decision: **promoted**" in card
+
+
+
+def test_an_iot_analytics_dataset_triggers_a_cycle_as_the_seeds_notebook_did(tmp_path):
+    """The legacy IoT Analytics emulation, fed the sample through the template's own rules (one
+    thing per meter type); a new content of its highres dataset runs a cycle on that CSV, which
+    trains, compares and, against a weakened champion, promotes."""
+    from emulator.iotanalytics import LocalIoTAnalytics
+    from emulator.rules.engine import LEGACY
+    from gateway.model.cycle import CycleConfig, on_dataset
+
+    root = tmp_path / "cloud"
+    ia = LocalIoTAnalytics(root)
+    engine = RulesEngine([LEGACY], Actions(iotanalytics=ia, s3=root / "s3", logs=root / "logs"))
+    t = ashrae.read(SAMPLE)
+    for j in range(len(t.site_id)):
+        topic = f"dt/meters/{t.site_id[j]}/metergateway-{METER_TYPES[t.meter[j]]}/raw"
+        body = {"building": str(t.building_id[j]), "ts": int(t.ts_ms[j]), "value": float(t.meter_reading[j])}
+        engine.handle(topic, json.dumps(body).encode())
+    weak = weakened(send_sample_root(tmp_path / "firehose"), tmp_path / "weak")
+    work = tmp_path / "work"
+    log = work / "cycles.jsonl"
+    stop = on_dataset(ia, "metergateway_highres", work, config=CycleConfig(rounds=60), champion_dir=weak,
+                      weather=WEATHER)
+    try:
+        csv_path = ia.run_dataset("metergateway_highres")
+        assert wait_for(lambda: log.exists() and log.read_text().strip() != "", 240), "no cycle ran on the dataset"
+    finally:
+        stop()
+    record = json.loads(log.read_text().strip().splitlines()[-1])
+    assert record["promoted"] is True, record
+    assert str(csv_path) in json.dumps(record), record  # the dataset's CSV was the training source
+
+
+def send_sample_root(root):
+    send_sample(root)
+    return root

@@ -47,6 +47,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 from gateway.errors import ConfigError, ConfigErrors, GatewayError, ModelError
 
@@ -214,6 +215,30 @@ def run(source, workdir: str | Path, *, config: CycleConfig = CycleConfig(), cha
     with _Lock(workdir / "cycle.lock"):
         return _cycle(source, workdir, config, champion_dir, root, buildings_csv, weather, aws, version, run_aws,
                       requirements, wait_s)
+
+
+def on_dataset(iotanalytics, dataset: str, workdir: str | Path, **kwargs) -> Callable[[], None]:
+    """Run a cycle on each new content of an IoT Analytics ``dataset`` (its CSV is the training
+    source), as the seed's notebook ran on its dataset: ``iotanalytics`` is anything with
+    ``add_content_listener(fn(name, csv_path))`` (the emulation's :class:`LocalIoTAnalytics`).
+    Each cycle runs in a thread of its own, one at a time (the cycle's lock); its result is
+    appended to ``<workdir>/cycles.jsonl`` as any cycle's. Returns the function that stops it."""
+    import threading
+
+    def listener(name: str, csv_path) -> None:
+        if name != dataset:
+            return
+
+        def go() -> None:
+            try:
+                result = run(csv_path, workdir, **kwargs)
+                log.warning("cycle on dataset %s: %s", name, result.line())
+            except Exception:
+                log.exception("cycle on dataset %s failed", name)
+
+        threading.Thread(target=go, name=f"cycle {name}", daemon=True).start()
+
+    return iotanalytics.add_content_listener(listener)
 
 
 def _cycle(source, workdir, config, champion_dir, root, buildings_csv, weather, aws, version, run_aws,
