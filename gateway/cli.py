@@ -154,6 +154,11 @@ def status(config_path: str | None, db: str | None, as_json: bool) -> None:
         rows.append(("scored / flagged", f"{sc['scored']:,} / {sc['flagged']:,} anomalies"))
         why = "; ".join(f"{k} ({v:,})" for k, v in sc["unscored_reasons"].items())
         rows.append(("not scored", f"{sc['unscored']:,}" + (f": {why}" if why else "")))
+        d = sc.get("drift")
+        if d and d["fleet"]["rmsle"] is not None:
+            rows.append(("model drift", f"RMSLE of the model alone {d['fleet']['rmsle']} over {d['window_h']:g} h "
+                                        f"({d['fleet']['count']:,} readings)"
+                                        + (f", stale: {', '.join(d['stale_keys'])}" if d["stale"] else "")))
     rows += _stage_rows(st.get("health"))
     for k, v in rows:
         t.add_row(k, v)
