@@ -56,6 +56,31 @@ the distinct ``(meter, ts)`` of raw readings in the analytics store (an Athena q
 short is an error (exit 1). Then everything but the dashboard is stopped, and the dashboard is
 served until Ctrl-C (``--exit``: not at all). Ctrl-C or SIGTERM at any point stops every process
 the demo started, the nucleus with its shutdown steps.
+
+``--cycle``: the retraining loop instead of the fleet. Steps 1 to 3 are the same; then:
+
+4. **The change.** The demo writes a changed copy of the sample into the gateway's work folder, in
+   two parts (:class:`Shift`): every reading of site 15's three buildings is multiplied by 10
+   from 2016-03-01 on (a register read a decimal place off), and the copy is cut at 2016-10-01,
+   so the shift spans both parts. ``model.drift_window_h`` is 720: the sample's meters read
+   about once a day, so the drift figure covers about 30 readings a meter.
+5. **Before.** One deployment as above, replaying the first part. Once it is delivered and the
+   gateway has settled, the drift figure of ``15/electricity`` (the model alone, from the health
+   message) is the one before: the shipped model's, on the shifted readings.
+6. **The cycle.** Firehose is flushed and :func:`gateway.model.cycle.run` runs on the emulation
+   root (``<workdir>/cloud``) against the running nucleus: it trains on what the analytics store
+   holds, compares with the model the nucleus runs (the champion) on a held-out building of the
+   shifted site (:data:`CYCLE`), and, when better, builds the next ``org.metergateway.Model``
+   version and deploys it with a local deployment. Not promoted: the demo says so and exits 1.
+7. **After.** The gateway hears the new model announced and swaps it live (the demo waits for a
+   health message naming it); a configuration-only deployment adds the replay of the second
+   part, scored by the new model. Once settled, the new model's drift figure of
+   ``15/electricity`` is the one after.
+
+The summary line then ends ``promoted=<old model version>-><new model version>
+drift_before=<x> drift_after=<y>``; delivered must still equal sent (nothing lost across the
+swap), and drift must have fallen (or exit 1). On the dashboard the shifted site's charts mark
+the switch from one model to the other, and the gateway's model band switches too.
 """
 
 from __future__ import annotations
@@ -71,6 +96,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from gateway.errors import GatewayError
 from gateway.messages import decode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +107,7 @@ RULES_CLIENT = "demo-rules"
 BUCKET = "metergateway-data"
 LEGACY_PREFIX = "metergateway"
 FLEET_SOURCE, SAMPLE_SOURCE = "fleet", "sample"
+GATEWAY, MODEL = "org.metergateway.Gateway", "org.metergateway.Model"
 NUCLEUS_CONFIG = {"mqtt": {"maxPublishRetry": -1, "maxInFlightPublishes": 100,
                            "spooler": {"storageType": "Disk", "pluginName": "aws.greengrass.DiskSpooler",
                                        "maxSizeInBytes": 104857600, "keepQos0WhenOffline": False}}}
@@ -105,10 +132,37 @@ class Summary:
     objects: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     url: str = ""
+    cycle: CycleShown | None = None
 
     @property
     def line(self) -> str:
-        return f"sent={self.sent} delivered={self.delivered} anomalies={self.anomalies}"
+        line = f"sent={self.sent} delivered={self.delivered} anomalies={self.anomalies}"
+        if self.cycle is not None:
+            line += " " + self.cycle.fields
+        return line
+
+
+@dataclass
+class CycleShown:
+    """What ``gateway demo --cycle`` shows of the loop: the cycle's result and the drift figure of
+    the shifted site and meter type (:attr:`Shift.key`) before and after."""
+
+    key: str
+    result: Any = None  # gateway.model.cycle.CycleResult
+    before: dict = field(default_factory=dict)  # {"version", "rmsle", "count", "until_ts", "stale"}
+    after: dict = field(default_factory=dict)
+    swapped_s: float | None = None  # from the deployment's end to the gateway scoring with the new model
+
+    @property
+    def promoted(self) -> bool:
+        return bool(self.result is not None and self.result.promoted)
+
+    @property
+    def fields(self) -> str:
+        old = self.before.get("version") or "none"
+        new = self.result.challenger if self.promoted else "none"
+        fmt = (lambda d: "-" if d.get("rmsle") is None else f"{d['rmsle']:.3f}")
+        return f"promoted={old}->{new} drift_before={fmt(self.before)} drift_after={fmt(self.after)}"
 
 
 class _Tap:
@@ -159,12 +213,83 @@ class _Tap:
 
 def sample_expected() -> int:
     """Readings the replay source makes of the sample (its rejected rows left out)."""
+    return len(replay_keys(SAMPLE))
+
+
+def replay_keys(path: Path) -> set[tuple[str, int]]:
+    """The (meter, ts) of the readings the replay source makes of ``path`` (rejected rows left out)."""
     from gateway.sources.replay import ReplaySource
 
     keys = set()
-    for batch in ReplaySource(SAMPLE_SOURCE, SAMPLE).batches(None, threading.Event()):
+    for batch in ReplaySource(SAMPLE_SOURCE, path).batches(None, threading.Event()):
         keys |= {(r.meter_id, r.ts) for r in batch.readings}
-    return len(keys)
+    return keys
+
+
+@dataclass(frozen=True)
+class Shift:
+    """How ``gateway demo --cycle`` changes the sample: every reading of ``buildings`` (all of site
+    ``site``) multiplied by ``factor`` from ``since`` on, and the replay cut in two at ``split``
+    (both site-local, as the CSV's ``timestamp`` column), the shift spanning both parts.
+
+    Why a whole site and not one building: the cycle judges a challenger on buildings held out of
+    its training (:func:`gateway.model.champion.split`), so a change confined to one building can
+    never make a retrained model better there; a change shared by the buildings of a site can be
+    learned from some of them and shown on another. ×10 is a meter register read a decimal place
+    off; a smaller factor (×2.5 to ×8) leaves the 8-building retrain no better than the shipped
+    model on the held-out building, and nothing is promoted.
+    """
+
+    site: int = 15
+    buildings: tuple[int, ...] = (1329, 1331, 1433)
+    factor: float = 10.0
+    since: str = "2016-03-01 00:00:00"
+    split: str = "2016-10-01 00:00:00"
+    meter_type: str = "electricity"  # the drift figure shown (the site's electricity meters)
+
+    @property
+    def key(self) -> str:
+        """The drift group shown, as the health message names it."""
+        return f"{self.site}/{self.meter_type}"
+
+    def write_parts(self, src: Path, first: Path, second: Path) -> tuple[int, int]:
+        """The changed copy of ``src`` in two gzip CSVs: the rows before :attr:`split`, then the
+        rest (rows the replay will refuse go where they are, unchanged); data rows in each."""
+        import gzip
+        import io
+
+        n = [0, 0]
+        building = set(map(str, self.buildings))
+        with gzip.open(src, "rt", newline="", encoding="utf-8") as f, \
+                gzip.open(first, "wt", newline="", encoding="utf-8") as a, \
+                gzip.open(second, "wt", newline="", encoding="utf-8") as b:
+            header = f.readline()
+            a.write(header)
+            b.write(header)
+            width = len(next(csv.reader([header])))
+            part = 0
+            for line in f:
+                row = next(csv.reader([line]), [])
+                if len(row) == width:
+                    if part == 0 and row[2] >= self.split:
+                        part = 1
+                    if row[0] in building and row[2] >= self.since and row[3]:
+                        row[3] = repr(round(float(row[3]) * self.factor, 4))
+                        buf = io.StringIO()
+                        csv.writer(buf, lineterminator="\n").writerow(row)
+                        line = buf.getvalue()
+                (a, b)[part].write(line)
+                n[part] += 1
+        return n[0], n[1]
+
+
+SHIFT = Shift()
+#: The demo's ``cycle:`` settings (:class:`gateway.model.cycle.CycleConfig`); the rest are the
+#: defaults (margin 2 %, tolerance 5 %, 200 rounds). One of the 8 buildings held out (seed 6:
+#: 1331, of the shifted site) and its last 60 days of the first part scored (about 260 readings).
+CYCLE = {"holdout_buildings": 0.125, "holdout_days": 60, "seed": 6}
+#: The sample's meters read about once a day: a 30-day window holds about 30 readings a meter.
+DRIFT_WINDOW_H = 720
 
 
 COUNT_SQL = """
@@ -187,8 +312,10 @@ class Demo:
     still served; :meth:`close` stops everything it started, whatever the point reached."""
 
     def __init__(self, workdir: Path, *, port: int = 8050, broker_port: int = 0, fleet_port: int = 0,
-                 poll_s: int = 2, polls: int = 5, timeout_s: float = 300, say: Callable[[str], None] = print):
+                 poll_s: int = 2, polls: int = 5, timeout_s: float = 300, say: Callable[[str], None] = print,
+                 cycle: bool = False):
         self.workdir = Path(workdir).resolve()
+        self.cycle = cycle
         self.port, self.broker_port, self.fleet_port = port, broker_port, fleet_port
         self.poll_s, self.polls, self.timeout_s = poll_s, polls, timeout_s
         self.say = say
@@ -199,28 +326,12 @@ class Demo:
 
     # ------------------------------------------------------------------ the steps
     def run(self) -> Summary:
-        from emulator.broker import Mosquitto, make_certs
-
+        if self.cycle:
+            return self._run_cycle()
         s = Summary()
         t_all = time.monotonic()
         since_ms = int(time.time() * 1000)
-        self._fresh_workdir()
-        w = self.workdir
-
-        t = time.monotonic()
-        self.say(f"· gateway build of both components in {w / 'build'} (full wheelhouses)")
-        builds = self._build()
-        version = _version()
-        s.timings["build"] = time.monotonic() - t
-
-        certs = make_certs(w / "certs", [THING, RULES_CLIENT])
-        broker = Mosquitto(w / "broker", certs, port=self.broker_port).start()
-        self._stops.append(("mosquitto", broker.stop))
-        self.say(f"· IoT Core: mosquitto with mutual TLS on 127.0.0.1:{broker.port}")
-
-        tap, binding, firehose, athena, iota = self._cloud(broker, certs, since_ms)
-        s.url = self.board.url
-        self.say(f"· dashboard at {s.url}")
+        builds, version, broker, certs, (tap, binding, firehose, athena, iota) = self._start(s, since_ms)
 
         fleet, devices_csv = self._fleet()
         self.say(f"· Modbus fleet: {len(fleet.devices)} meters of the sample on 127.0.0.1:"
@@ -268,22 +379,29 @@ class Demo:
         t = time.monotonic()
         self._deploy(nucleus, builds, "--update-config",
                      json.dumps({"org.metergateway.Gateway": {"MERGE": {"sources": [replay]}}}))
-        after_ms = int(time.time() * 1000)
+        self._settle(tap, nucleus, int(time.time() * 1000))
+        s.timings["settled (nothing pending, nothing in flight)"] = time.monotonic() - t
+        self._stop("nucleus")
+        self._stop("modbus fleet")
+        return self._finish(s, work, tap, firehose, athena, iota, since_ms, t_all)
 
+    def _settle(self, tap: _Tap, nucleus, after_ms: int, timeout: float = 60) -> dict:
+        """Wait for a health message (sent after ``after_ms``) saying nothing is pending or in flight."""
         def settled() -> bool:
             h = tap.health
             return bool(h) and h["ts"] > after_ms + 1000 and h["buffer"]["pending"] == 0 and \
                 (h.get("forwarder") or {}).get("in_flight_messages", 0) == 0
-        if not tap.wait(settled, 60):
-            raise DemoError(f"the gateway did not settle within 60 s (last health: {tap.health}); see "
+        if not tap.wait(settled, timeout):
+            raise DemoError(f"the gateway did not settle within {timeout:.0f} s (last health: {tap.health}); see "
                             f"{nucleus.log('org.metergateway.Gateway')}")
-        s.timings["settled (nothing pending, nothing in flight)"] = time.monotonic() - t
-        self._stop("nucleus")
-        self._stop("modbus fleet")
+        return tap.health
 
+    def _finish(self, s: Summary, work: Path, tap: _Tap, firehose, athena, iota, since_ms: int,
+                t_all: float) -> Summary:
+        """With the nucleus stopped: the buffer read, Firehose flushed, Athena's counts."""
         self._read_buffer(work / "buffer.db", s)
         t = time.monotonic()
-        s.objects = len(firehose.flush())
+        s.objects += len(firehose.flush())
         self._count(athena, since_ms, s)
         s.legacy = self._legacy(iota, tap)
         self.board.consumption.refresh()
@@ -292,6 +410,118 @@ class Demo:
         self._stop("rules engine")
         self._stop("mosquitto")
         return s
+
+    # ------------------------------------------------------------------ --cycle
+    def _run_cycle(self) -> Summary:
+        """The chain with the retraining loop (see the module doc, "--cycle")."""
+        from gateway.model import cycle as cy
+
+        shift = SHIFT
+        s = Summary()
+        shown = s.cycle = CycleShown(shift.key)
+        t_all = time.monotonic()
+        since_ms = int(time.time() * 1000)
+        builds, version, broker, certs, (tap, binding, firehose, athena, iota) = self._start(s, since_ms)
+
+        t = time.monotonic()
+        nucleus = self._nucleus(broker, certs)
+        self.say(f"· local nucleus (pid {nucleus.pid}): Disk spooler, maxInFlightPublishes 100, root {nucleus.root}")
+        work = nucleus.work(GATEWAY)
+        work.mkdir(parents=True)
+        parts = (work / "sample-1.csv.gz", work / "sample-2.csv.gz")
+        rows = shift.write_parts(SAMPLE, *parts)
+        shutil.copy2(WEATHER, work / "weather_2016.json.gz")
+        expected = [len(replay_keys(p)) for p in parts]
+        self.say(f"· the sample changed: site {shift.site}'s buildings {', '.join(map(str, shift.buildings))} read "
+                 f"×{shift.factor:g} from {shift.since[:10]} on; replayed in two parts, {rows[0]:,} rows before "
+                 f"{shift.split[:10]} ({parts[0].name}) and {rows[1]:,} from then on ({parts[1].name})")
+        first, second = ({"type": "replay", "name": p.name.split(".")[0], "path": p.name, "speed": None}
+                         for p in parts)
+        config = {"sources": [first], "weather": {"path": "weather_2016.json.gz"},
+                  "publisher": {"delivery": "receipt", "receipt_timeout_s": 30},
+                  "greengrass": {"health_every_s": 1}, "model": {"drift_window_h": DRIFT_WINDOW_H}}
+        self.say(f"· deployment: org.metergateway.Model and org.metergateway.Gateway, config MERGE: replay of "
+                 f"{parts[0].name} at speed null, delivery receipt, model.drift_window_h {DRIFT_WINDOW_H}")
+        self._deploy(nucleus, builds, "--merge", f"{MODEL}={version}", "--merge", f"{GATEWAY}={version}",
+                     "--update-config", json.dumps({GATEWAY: {"MERGE": config}}))
+        s.timings["deployment (Install steps included)"] = time.monotonic() - t
+
+        t = time.monotonic()
+        self._wait_sample(tap, expected[0], nucleus)
+        health = self._settle(tap, nucleus, int(time.time() * 1000))
+        shown.before = _drift(health, shift.key)
+        if shown.before.get("rmsle") is None:
+            raise DemoError(f"the health message has no drift figure for {shift.key} after {parts[0].name}: "
+                            f"{health.get('drift')}")
+        s.timings[f"{parts[0].name} delivered"] = time.monotonic() - t
+        self.say(f"· {len(tap.sample):,} readings of {parts[0].name} reached the rules engine; drift of "
+                 f"{shift.key} with {shown.before['version']}: {_drift_text(shown.before)}")
+
+        t = time.monotonic()
+        s.objects += len(firehose.flush())  # the analytics store holds every reading of the first part
+        self.say(f"· gateway cycle on {self.workdir / 'cloud'}: train, compare with the model the nucleus runs, "
+                 f"publish and deploy ({', '.join(f'{k} {v}' for k, v in CYCLE.items())})")
+        try:
+            shown.result = result = cy.run(self.workdir / "cloud", self.workdir / "cycle",
+                                           config=cy.CycleConfig.from_dict(CYCLE), root=nucleus.root,
+                                           weather=WEATHER, wait_s=self.timeout_s)
+        except GatewayError as exc:
+            raise DemoError(f"gateway cycle failed: {exc}") from exc
+        s.timings["cycle (train, compare, publish, deploy)"] = time.monotonic() - t
+        self.say(f"· {result.line()}")
+        if not result.promoted:
+            raise DemoError(f"the challenger {result.challenger} was not promoted ({result.reason}), so the demo "
+                            f"cannot show the loop; the figures are in {self.workdir / 'cycle' / 'cycles.jsonl'}")
+
+        t = time.monotonic()
+        if not tap.wait(lambda: ((tap.health or {}).get("model") or {}).get("version") == result.challenger, 60):
+            raise DemoError(f"{MODEL} {result.component_version} is deployed but the gateway did not swap to "
+                            f"{result.challenger} within 60 s (last health model: {(tap.health or {}).get('model')}); "
+                            f"see {nucleus.log(GATEWAY)}")
+        shown.swapped_s = time.monotonic() - t
+        self.say(f"· the gateway swapped to {result.challenger} ({MODEL} {result.component_version}) live; a "
+                 f"deployment adds the replay of {parts[1].name}")
+        t = time.monotonic()
+        self._deploy(nucleus, builds, "--update-config",
+                     json.dumps({GATEWAY: {"MERGE": {"sources": [first, second]}}}))
+        self._wait_sample(tap, sum(expected), nucleus)
+        health = self._settle(tap, nucleus, int(time.time() * 1000))
+        shown.after = _drift(health, shift.key)
+        if shown.after.get("version") != result.challenger or shown.after.get("rmsle") is None:
+            raise DemoError(f"no drift figure for {shift.key} with {result.challenger} after {parts[1].name}: "
+                            f"{health.get('drift')}")
+        s.timings[f"{parts[1].name} delivered"] = time.monotonic() - t
+        self.say(f"· {len(tap.sample):,} readings reached the rules engine; drift of {shift.key} with "
+                 f"{result.challenger}: {_drift_text(shown.after)}")
+        self._stop("nucleus")
+        return self._finish(s, work, tap, firehose, athena, iota, since_ms, t_all)
+
+    def _wait_sample(self, tap: _Tap, n: int, nucleus) -> None:
+        if not tap.wait(lambda: len(tap.sample) >= n, self.timeout_s):
+            raise DemoError(f"after {self.timeout_s:.0f} s the rules engine has {len(tap.sample):,} of {n:,} "
+                            f"sample readings; see {nucleus.log(GATEWAY)}")
+
+    def _start(self, s: Summary, since_ms: int):
+        """The work folder wiped, both components built, mosquitto, the cloud and the dashboard."""
+        from emulator.broker import Mosquitto, make_certs
+
+        self._fresh_workdir()
+        w = self.workdir
+        t = time.monotonic()
+        self.say(f"· gateway build of both components in {w / 'build'} (full wheelhouses)")
+        builds = self._build()
+        version = _version()
+        s.timings["build"] = time.monotonic() - t
+
+        certs = make_certs(w / "certs", [THING, RULES_CLIENT])
+        broker = Mosquitto(w / "broker", certs, port=self.broker_port).start()
+        self._stops.append(("mosquitto", broker.stop))
+        self.say(f"· IoT Core: mosquitto with mutual TLS on 127.0.0.1:{broker.port}")
+
+        cloud = self._cloud(broker, certs, since_ms)
+        s.url = self.board.url
+        self.say(f"· dashboard at {s.url}")
+        return builds, version, broker, certs, cloud
 
     def _fresh_workdir(self) -> None:
         w = self.workdir
@@ -447,6 +677,20 @@ class Demo:
             restore()
 
 
+def _drift(health: dict, key: str) -> dict:
+    """One site and meter type's drift figure from a health message, with the model version."""
+    d = health.get("drift") or {}
+    g = (d.get("groups") or {}).get(key) or {}
+    return {"version": d.get("version"), "rmsle": g.get("rmsle"), "count": g.get("count"),
+            "until_ts": g.get("until_ts"), "stale": key in (d.get("stale_keys") or []),
+            "threshold": d.get("threshold"), "window_h": d.get("window_h")}
+
+
+def _drift_text(d: dict) -> str:
+    stale = f", stale (threshold {d['threshold']:g})" if d.get("stale") else ""
+    return f"RMSLE {d['rmsle']:.3f} over {d['count']} readings{stale}"
+
+
 def _version() -> str:
     import tomllib
 
@@ -464,8 +708,12 @@ def _ignore_signals() -> Callable[[], None]:
 def show(s: Summary, say: Callable[[str], None] = print) -> None:
     """The summary's lines, the last one ``sent=<n> delivered=<n> anomalies=<n>``."""
     say("")
-    say(f"sources: {SAMPLE_SOURCE} (replay of {SAMPLE.name}) {s.delivered_by_source.get(SAMPLE_SOURCE, 0):,} "
-        f"readings delivered; {FLEET_SOURCE} (modbus) {s.delivered_by_source.get(FLEET_SOURCE, 0):,}")
+    if s.cycle is None:
+        say(f"sources: {SAMPLE_SOURCE} (replay of {SAMPLE.name}) {s.delivered_by_source.get(SAMPLE_SOURCE, 0):,} "
+            f"readings delivered; {FLEET_SOURCE} (modbus) {s.delivered_by_source.get(FLEET_SOURCE, 0):,}")
+    else:
+        say(f"sources: sample-1 and sample-2 (replay of {SAMPLE.name} changed: site {SHIFT.site} ×{SHIFT.factor:g} "
+            f"from {SHIFT.since[:10]}) {s.delivered_by_source.get(SAMPLE_SOURCE, 0):,} readings delivered")
     width = max((len(t) for t in s.topics), default=0)
     for topic, (messages, readings) in s.topics.items():
         say(f"  {topic:<{width}}  {messages:>5,} messages  {readings:>7,} readings")
@@ -481,6 +729,17 @@ def show(s: Summary, say: Callable[[str], None] = print) -> None:
         say(f"legacy IoT Analytics: {lg['messages']:,} meter-thing messages, {lg['datastore']:,} in the datastore; "
             f"datasets {sets}")
     say(f"analytics store: {s.objects} Firehose objects in s3/{BUCKET}/readings/, counted by Athena")
+    c = s.cycle
+    if c is not None and c.result is not None:
+        r = c.result
+        say(r.line())
+        if r.promoted:
+            say(f"  {MODEL} {r.component_version} (deployment {r.deployment}), swapped live "
+                f"{c.swapped_s:.1f} s after it; challenger in {r.challenger_dir}")
+        for label, d in (("before", c.before), ("after", c.after)):
+            if d.get("rmsle") is not None:
+                say(f"drift {c.key} {label}: {d['version']} {_drift_text(d)} (the model alone, last "
+                    f"{d['window_h']:g} h of data time)")
     say("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.timings.items()))
     say(f"dashboard: {s.url}")
     say(s.line)

@@ -301,12 +301,17 @@ def bench(n: int, as_json: bool, no_score: bool, startup_readings: int, iotcore_
               help="The modbus source's interval_s (each poll reads an hour of fleet time).")
 @click.option("--polls", default=5, show_default=True, type=click.IntRange(1, 1000),
               help="Readings of each fleet meter before the fleet source is removed.")
+@click.option("--cycle", "with_cycle", is_flag=True,
+              help="Show the retraining loop instead of the fleet: a site's consumption shifts part-way through "
+                   "the sample, drift rises, gateway cycle promotes a retrained model, the gateway swaps it live, "
+                   "drift falls. The summary line adds promoted=OLD->NEW drift_before=X drift_after=Y.")
 def demo(workdir: str, exit_after: bool, port: int, broker_port: int, fleet_port: int, poll_s: int,
-         polls: int) -> None:
+         polls: int, with_cycle: bool) -> None:
     """The whole chain on this machine: build both components, mosquitto as IoT Core, the local
     nucleus running them, a Modbus fleet of the sample's meters, the rules engine, Firehose/S3/
     Athena, IoT Analytics and the dashboard. Ends with `sent=N delivered=N anomalies=N`, then
-    serves the dashboard until Ctrl-C."""
+    serves the dashboard until Ctrl-C. With --cycle: the retraining loop (train, compare, publish,
+    deploy, swap live) on a shifted sample instead of the fleet."""
     import threading
 
     from emulator import demo as d
@@ -316,14 +321,18 @@ def demo(workdir: str, exit_after: bool, port: int, broker_port: int, fleet_port
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell's background job starts with it ignored
         signal.signal(sig, interrupt)
     run = d.Demo(Path(workdir), port=port, broker_port=broker_port, fleet_port=fleet_port, poll_s=poll_s,
-                 polls=polls, say=click.echo)
+                 polls=polls, say=click.echo, cycle=with_cycle)
     code = 0
     try:
         summary = run.run()
         d.show(summary, say=click.echo)
+        c = summary.cycle
         if summary.delivered != summary.sent:
             click.echo(f"error: {summary.sent - summary.delivered:,} of the {summary.sent:,} readings the gateway "
                        f"stored are not in the analytics store (see {run.workdir})", err=True)
+            code = 1
+        elif c is not None and not c.after.get("rmsle", 0) < c.before.get("rmsle", 0):
+            click.echo(f"error: drift of {c.key} did not fall after the new model: {c.fields}", err=True)
             code = 1
         elif not exit_after:
             click.echo(f"serving the dashboard at {summary.url} until Ctrl-C (everything else is stopped)")

@@ -155,3 +155,47 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path):
     # the dashboard's port is closed too
     with pytest.raises(OSError):
         urllib.request.urlopen(url, timeout=5)
+
+
+CYCLE_SUMMARY = re.compile(r"^sent=(\d+) delivered=(\d+) anomalies=(\d+) promoted=([^\s>]+)->(\S+) "
+                           r"drift_before=(\d+\.\d+) drift_after=(\d+\.\d+)$")
+
+
+@pytest.mark.timeout(300)
+def test_gateway_demo_cycle_promotes_a_retrained_model_and_drift_falls(tmp_path):
+    from emulator.athena import LocalAthena
+    from emulator.dashboard import Dashboard, health_dir_for
+    from emulator.rules.engine import ANALYTICS
+
+    t0 = time.monotonic()
+    demo = Demo(tmp_path / "demo", "--cycle", "--exit")
+    code = demo.finish(280)
+    assert code == 0, demo.output
+    m = CYCLE_SUMMARY.match(demo.lines[-1])
+    assert m, demo.output
+    sent, delivered, anomalies = map(int, m.groups()[:3])
+    old, new = m.group(4), m.group(5)
+    before, after = float(m.group(6)), float(m.group(7))
+    assert delivered == sent == SAMPLE_READINGS  # nothing lost across the swap
+    assert anomalies > 0
+    assert old != new and old.startswith("ashrae-lgbm-") and new.startswith("ashrae-lgbm-")
+    assert after < before
+    assert re.search(rf"^cycle: promoted={re.escape(old)}->{re.escape(new)} component=\d+\.\d+\.\d+ ", demo.output,
+                     re.M), demo.output
+    assert f"· the gateway swapped to {new}" in demo.output
+    # the dashboard over what the demo left: both models on the shifted site's charts, the switch
+    # between them, and the gateway's model band switching too
+    root = tmp_path / "demo" / "cloud"
+    athena = LocalAthena(root, ANALYTICS, bucket="metergateway-data")
+    board = Dashboard(athena, health_dir_for(root, ANALYTICS), port=0)
+    url = board.start()
+    try:
+        chart = get_json(url + "api/consumption?site=15&building=1331")
+        health = get_json(url + "api/health?thing=demo-gw")
+    finally:
+        board.stop()
+        athena.close()
+    electricity = next(s for s in chart["series"] if s["meter_type"] == "electricity")
+    assert [(s["from"], s["to"]) for s in electricity["switches"]] == [(old, new)]
+    assert [(s["from"], s["to"]) for s in health["switches"]] == [(old, new)]
+    print(f"\ndemo --cycle --exit took {time.monotonic() - t0:.1f} s\n{demo.output}")
