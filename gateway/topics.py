@@ -101,3 +101,17 @@ def check_level(what: str, value: str) -> str | None:
         if bad in value:
             return f"{what} {value!r} contains {bad!r}, which cannot stand in a topic level"
     return None
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """Whether ``topic`` matches ``topic_filter`` by MQTT's rules: ``+`` one level, ``#`` the rest
+    (or none); a wildcard at the first level does not take a topic starting with ``$``."""
+    f, t = topic_filter.split("/"), topic.split("/")
+    if t[0].startswith("$") and f[0] in ("+", "#"):
+        return False
+    for i, level in enumerate(f):
+        if level == "#":
+            return True
+        if i >= len(t) or (level != "+" and level != t[i]):
+            return False
+    return len(f) == len(t)

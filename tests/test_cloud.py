@@ -18,7 +18,7 @@ from cfnlint.api import lint_file
 from cfnlint.decode import decode
 
 from gateway.readings import METER_TYPES
-from gateway.topics import basic_ingest, check_topic, topic
+from gateway.topics import basic_ingest, check_topic, topic, topic_matches
 
 CLOUD = Path(__file__).resolve().parent.parent / "cloud"
 TEMPLATES = sorted(p.name for p in CLOUD.glob("*.yaml"))
@@ -87,15 +87,7 @@ def iot_match(pattern: str, name: str) -> bool:
     return re.fullmatch(".*".join(re.escape(part) for part in pattern.split("*")), name) is not None
 
 
-def mqtt_match(filt: str, name: str) -> bool:
-    """An MQTT topic filter (+ one level, # the rest) against a topic."""
-    f, t = filt.split("/"), name.split("/")
-    for i, level in enumerate(f):
-        if level == "#":
-            return True
-        if i >= len(t) or (level != "+" and level != t[i]):
-            return False
-    return len(f) == len(t)
+mqtt_match = topic_matches  # an MQTT topic filter (+ one level, # the rest) against a topic
 
 
 def health_topic(thing: str) -> str:

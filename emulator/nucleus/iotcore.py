@@ -92,6 +92,7 @@ from emulator.nucleus.spool import (MessageTooLarge, OFFLINE_QOS0_TEXT, OfflineQ
                                     SpoolFull, SpoolMessage, SpoolStats)
 from gateway.errors import ConfigError, GatewayError
 from gateway.publishers.mqtt import UNDELIVERABLE_CRT_ERRORS
+from gateway.topics import topic_matches
 
 __all__ = ["IotCoreBridge", "MqttProxyBridge", "SpoolConfig", "SpoolFull", "OfflineQos0Dropped", "MessageTooLarge",
            "SpoolStats",
@@ -134,20 +135,6 @@ def check_filter(topic_filter: str) -> str | None:
         if "+" in level and level != "+":
             return "+ must be a whole level"
     return None
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """Whether ``topic`` matches ``topic_filter`` by MQTT's rules (``+`` one level, ``#`` the
-    rest; a leading wildcard does not match a topic starting with ``$``)."""
-    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
-        return False
-    f, t = topic_filter.split("/"), topic.split("/")
-    for i, level in enumerate(f):
-        if level == "#":
-            return True
-        if i >= len(t) or (level != "+" and level != t[i]):
-            return False
-    return len(f) == len(t)
 
 
 def _packet(msg: SpoolMessage) -> mqtt5.PublishPacket:

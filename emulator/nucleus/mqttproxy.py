@@ -36,7 +36,7 @@ from awsiot.greengrasscoreipc import model
 
 from emulator.nucleus.accesscontrol import AccessControl
 from emulator.nucleus.ipc import Call, Operation
-from emulator.nucleus.pubsub import topic_matches
+from gateway.topics import topic_matches
 
 NOT_AUTHORIZED = "Not Authorized"
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from gateway.topics import topic_matches
+
 __all__ = ["UNDEFINED", "SqlError", "Context", "Statement", "parse", "template", "topic_matches",
            "loads", "dumps", "FUNCTIONS"]
 
@@ -816,20 +818,6 @@ def _check_filter(topic_filter: str, sql: str) -> None:
         if ("#" in level and (level != "#" or i != len(levels) - 1)) or ("+" in level and level != "+"):
             raise SqlError(f"FROM '{topic_filter}' is not a valid topic filter ('+' stands for a whole "
                            f"level, '#' for the last one): {sql!r}")
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT matching: ``+`` one level, ``#`` the rest (or none); a wildcard at the first level
-    does not take a topic starting with ``$``."""
-    f, t = topic_filter.split("/"), topic.split("/")
-    if t and t[0].startswith("$") and f and f[0] in ("+", "#"):
-        return False
-    for i, level in enumerate(f):
-        if level == "#":
-            return True
-        if i >= len(t) or (level != "+" and level != t[i]):
-            return False
-    return len(f) == len(t)
 
 
 # ------------------------------------------------------------------------------- the statement
