@@ -19,7 +19,6 @@ import pytest
 from gateway.buffer import Buffer, MeterInfo
 from gateway.config import validate
 from gateway.errors import ConfigErrors, DiskFull
-from gateway.messages import decode
 from gateway.model.drift import BINS, Drift
 from gateway.model.features import FEATURE_NAMES, Buildings
 from gateway.model.paths import default_buildings, default_model

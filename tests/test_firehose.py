@@ -33,7 +33,7 @@ class Clock:
 
 def record(kind: str = "raw", site: str = "15", n: int = 1) -> bytes:
     """What the raw/scored rule forwards: the message plus kind, topic and received_ms."""
-    readings = [[f"1433:electricity", 1483246800000 + i * 3600_000, 41.35] for i in range(n)]
+    readings = [["1433:electricity", 1483246800000 + i * 3600_000, 41.35] for i in range(n)]
     return json.dumps({"batch": "9f2c61d0a4b7e311", "thing": "gw-1", "site": site, "n": n,
                        "readings": readings, "kind": kind, "topic": f"dt/meters/{site}/gw-1/{kind}",
                        "received_ms": int(T0 * 1000)}, separators=(",", ":")).encode()

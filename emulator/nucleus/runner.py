@@ -49,7 +49,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 from emulator.nucleus import recipe as rcp
 from emulator.nucleus.recipe import HARD, Recipe, Step

@@ -27,9 +27,9 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 from emulator.cfn import load_template, resolve
 from emulator.rules.actions import Action, ActionFailed, Actions, build_action, error_message
