@@ -245,6 +245,14 @@ def test_drift_counts_each_reading_once_forgets_a_rolled_back_put_and_survives_a
     assert stored_status(buf.db)["drift"] == kept  # what `gateway status --json` shows under scoring
     buf.scorer.close()
     buf.close()
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+
+    shown = CliRunner().invoke(main, ["status", "--db", str(db)], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert (f"RMSLE of the model alone {kept['fleet']['rmsle']} over {kept['window_h']:g} h "
+            f"({kept['fleet']['count']:,} readings)") in " ".join(shown.output.split()), shown.output
 
     buf = Buffer(db, live_window_ms=10**13)
     buf.scorer = scorer()
