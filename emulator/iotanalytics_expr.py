@@ -35,27 +35,13 @@ import math
 import re
 from typing import Any, Callable
 
+from emulator.rules.sql import UNDEFINED
+
 __all__ = ["UNDEFINED", "ExpressionError", "compile_expression"]
 
 
-class _Undefined:
-    """IoT SQL's Undefined: not null, not false; the value of what cannot be evaluated."""
-
-    _instance = None
-
-    def __new__(cls):
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "UNDEFINED"
-
-    def __bool__(self) -> bool:
-        return False
-
-
-UNDEFINED = _Undefined()
+# IoT SQL's Undefined (not null, not false: the value of what cannot be evaluated), the rules
+# engine's own, so one sentinel means it everywhere in the emulation.
 
 
 class ExpressionError(ValueError):
