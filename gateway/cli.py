@@ -628,6 +628,19 @@ def simulate_modbus(meters, ports, base_port, host, map_name, maps_mode, replay,
     click.echo(f"stopped: {fleet.requests:,} requests served, {len(fleet.injected):,} faults injected")
 
 
+def _emulator_command(name: str, target: str) -> click.Command:
+    """The command ``module:attribute`` of the local emulation, imported now; a clear error where
+    it is not installed (a device has no ``emulator`` package)."""
+    import importlib
+
+    module, attr = target.split(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError as exc:
+        raise click.ClickException(f"gateway {name} is part of the local emulation, which is not installed "
+                                   f"here ({exc}); install the project with its emulator extra") from None
+
+
 class _NucleusGroup(click.Group):
     """``gateway nucleus``: the local Greengrass nucleus of :mod:`emulator.nucleus.cli`, imported
     only when the command is used (the emulator is never needed on a device)."""
@@ -638,9 +651,7 @@ class _NucleusGroup(click.Group):
 
     @staticmethod
     def _real() -> click.Group:
-        from emulator.nucleus.cli import nucleus as real
-
-        return real
+        return _emulator_command("nucleus", "emulator.nucleus.cli:nucleus")
 
     @property  # type: ignore[override]
     def commands(self) -> dict:
@@ -666,14 +677,7 @@ class _LazyCommand(click.Command):
         self.target = target
 
     def _real(self) -> click.Command:
-        import importlib
-
-        module, attr = self.target.split(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except ImportError as exc:
-            raise click.ClickException(f"gateway {self.name} is part of the local emulation, which is not installed "
-                                       f"here ({exc}); install the project with its emulator extra") from None
+        return _emulator_command(self.name, self.target)
 
     def make_context(self, info_name, args, parent=None, **extra):
         return self._real().make_context(info_name, args, parent=parent, **extra)

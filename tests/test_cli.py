@@ -293,3 +293,19 @@ def test_quarantine_filtered_to_messages_is_empty(sample_run):
     config, _ = sample_run
     result = invoke("quarantine", "--config", config, "--kind", "message")
     assert (result.exit_code, result.stdout) == (0, "quarantine is empty\n")
+
+
+@pytest.mark.parametrize("command", ["nucleus", "dashboard"])
+def test_an_emulation_command_on_a_device_says_the_emulator_is_not_installed(tmp_path, command):
+    """A device ships gateway/ alone: the emulation's commands say so, and the rest still runs."""
+    (tmp_path / "emulator.py").write_text('raise ImportError("no module named emulator")\n')
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from gateway.cli import main; "
+            "main(sys.argv[2:])")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), command, "--help"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert (proc.returncode, proc.stderr.strip()) == (1, (
+        f"Error: gateway {command} is part of the local emulation, which is not installed here "
+        "(no module named emulator); install the project with its emulator extra"))
+    listed = subprocess.run([sys.executable, "-c", code, str(tmp_path), "--help"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert listed.returncode == 0 and "status" in listed.stdout, listed.stderr
