@@ -64,6 +64,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from gateway import topics  # IoT Core's limits have their one home there
 from gateway.readings import Reading
 
 THING = "bench-gw"
@@ -74,9 +75,6 @@ WEATHER = REPO / "data" / "sample" / "weather_2016.json.gz"
 #: The reference fleet: 2,380 meters, one reading a minute.
 FLEET_METERS = 2380
 FLEET_INTERVAL_S = 60
-#: AWS IoT Core's per-connection limits, as awscrt's flow control applies them.
-IOT_PUBLISHES_PER_S = 100
-IOT_BYTES_PER_S = 512 * 1024
 OUTAGE_HOURS = 72
 
 
@@ -858,11 +856,12 @@ def capacity(raw_bytes: float, raw_per_message: float, scored_bytes: float | Non
     if scored_bytes is not None and scored_per_message is not None:
         cases.append(("scored", 1 / raw_per_message + 1 / scored_per_message, raw_bytes + scored_bytes))
     for name, publishes_per_reading, bytes_per_reading in cases:
-        by_publishes = IOT_PUBLISHES_PER_S / publishes_per_reading
-        by_bytes = IOT_BYTES_PER_S / bytes_per_reading
+        by_publishes = topics.MAX_PUBLISHES_PER_S / publishes_per_reading
+        by_bytes = topics.MAX_BYTES_PER_S / bytes_per_reading
         per_s = min(by_publishes, by_bytes)
         out[f"iotcore_{name}_readings_per_s"] = per_s
-        out[f"iotcore_{name}_binds"] = "100 publishes/s" if by_publishes <= by_bytes else "512 KB/s"
+        out[f"iotcore_{name}_binds"] = (f"{topics.MAX_PUBLISHES_PER_S} publishes/s" if by_publishes <= by_bytes
+                                        else f"{topics.MAX_BYTES_PER_S // 1024} KB/s")
         out[f"iotcore_{name}_outage_drain_min"] = backlog / (per_s - fleet) / 60 if per_s > fleet else None
     if measured_per_s is not None:
         out[f"{measured_key}_outage_drain_min"] = (

@@ -81,6 +81,17 @@ def test_capacity_names_the_binding_limit_and_the_outage_drain():
     assert bench.capacity(53.6, 40, measured_per_s=10, measured_key="x")["x_outage_drain_min"] is None
 
 
+def test_capacity_takes_iot_cores_limits_from_their_one_home(monkeypatch):
+    """gateway.topics holds IoT Core's limits; the bench had a second copy, which a change to one
+    would have left behind."""
+    from gateway import topics
+
+    monkeypatch.setattr(topics, "MAX_PUBLISHES_PER_S", 50)
+    monkeypatch.setattr(topics, "MAX_BYTES_PER_S", 256 * 1024)
+    assert bench.capacity(53.6, 40)["iotcore_raw_readings_per_s"] == pytest.approx(2000)
+    assert bench.capacity(53.6, 100)["iotcore_raw_readings_per_s"] == pytest.approx(262144 / 53.6)
+
+
 def test_a_stalled_stage_fails_loudly():
     with pytest.raises(bench.BenchError, match=r"^bench: the bare awscrt publish did not finish within 0.01 s$"):
         bench._await(threading.Event(), 0.01, "the bare awscrt publish")
