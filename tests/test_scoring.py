@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -13,10 +14,11 @@ import onnx
 import pytest
 
 from gateway.buffer import Buffer
-from gateway.errors import DiskFull
+from gateway.errors import DiskFull, ModelError
 from gateway.forwarder import Forwarder
 from gateway.messages import decode
 from gateway.model.features import Buildings
+from gateway.model.online import MeterStats
 from gateway.model.paths import default_buildings, default_model
 from gateway.model.scoring import ModelHolder, ReadingScorer, stored_status
 from gateway.publishers import MemoryPublisher
@@ -330,3 +332,33 @@ def test_a_valid_but_huge_reading_is_delivered_raw_and_never_stops_delivery(tmp_
     scored = [r for _, r in scored_of(pub.messages)]
     assert all(np.isfinite(r[3]) for r in scored) and {r[0] for r in scored} >= {"1434:electricity"}
     assert buf.pending() == 0
+
+
+class _RolledBackByAFullDisk:
+    """A connection whose insert into meter_stats finds the disk full, after SQLite has rolled the
+    transaction back by itself (as it may on SQLITE_FULL)."""
+
+    def __init__(self, db):
+        self._db = db
+
+    def executemany(self, sql, *args):
+        if sql.startswith("INSERT INTO meter_stats"):
+            self._db.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._db.executemany(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
+
+
+def test_a_statistics_save_on_a_full_disk_says_the_disk_is_full(tmp_path):
+    """The save's own ROLLBACK, after SQLite had rolled back, raised "cannot rollback - no
+    transaction is active", which hid the full disk."""
+    stats = MeterStats()
+    stats.update(["1433:electricity"], np.array([1.0]), np.array([1.1]))
+    db = sqlite3.connect(tmp_path / "stats.db", isolation_level=None)
+    with pytest.raises(ModelError, match=r"^meter_stats: cannot save: database or disk is full$"):
+        stats.save(_RolledBackByAFullDisk(db))
+    assert not db.in_transaction and stats.dirty == 1  # nothing saved: still to be written
+    stats.save(db)
+    assert db.execute("SELECT meter_key FROM meter_stats").fetchall() == [("1433:electricity",)]

@@ -31,6 +31,7 @@ import sqlite3
 
 import numpy as np
 
+from gateway.db import atomic
 from gateway.errors import ModelError
 from gateway.schema import ensure_meter_stats
 
@@ -281,11 +282,8 @@ class MeterStats:
             rows.append((self._keys[i], int(self._count[i]), w, chrono[j, w - k :].astype("<f4").tobytes(),
                          errors[j, w - k :].astype("<f4").tobytes(),
                          np.where(np.isnan(z), 255, z).astype(np.uint8).tobytes(), FORMAT))
-        own = not conn.in_transaction  # one transaction, also on an autocommit connection
         try:
-            if own:
-                conn.execute("BEGIN")
-            try:
+            with atomic(conn):  # one transaction, also on an autocommit connection
                 _ensure_table(conn)
                 conn.executemany(
                     "INSERT INTO meter_stats (meter_key, n_seen, window, residuals, errors, zeros, format) "
@@ -295,12 +293,6 @@ class MeterStats:
                     "format=excluded.format",
                     rows,
                 )
-            except BaseException:
-                if own:
-                    conn.execute("ROLLBACK")
-                raise
-            if own:
-                conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise ModelError(f"meter_stats: cannot save: {exc}") from exc
 
