@@ -40,6 +40,7 @@ from typing import Callable, Iterator
 from urllib.parse import quote
 
 from gateway.buffer import MIGRATIONS, Buffer
+from gateway.db import atomic, mapped
 from gateway.errors import BufferCorrupt, BufferError, SchemaError
 from gateway.lock import BufferLock
 
@@ -145,25 +146,30 @@ def _recover(source: sqlite3.Connection, src: Path, dst: Path) -> Recovery:
         "SELECT sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")]
     Buffer(dst).close()  # the schema and migrations, exactly as a gateway makes them
     out = sqlite3.connect(str(dst), isolation_level=None)
+    # SQLite's errors become the gateway's, naming the file they came from: a full disk under DST
+    # is DiskFull naming DST, never a traceback (reads of SRC are mapped apart, in mapped(src)).
     try:
-        out.execute("PRAGMA synchronous=NORMAL")
-        have = {n for (n,) in out.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        for name, sql in tables:
-            if name not in have:
-                out.execute(sql)
-        for sql in indexes:
-            out.execute(re.sub(r"^CREATE (UNIQUE )?INDEX ", r"CREATE \1INDEX IF NOT EXISTS ", sql))
-        pages = _pages(source)
-        reader = _PageReader(src) if pages is not None else None
-        order = sorted(tables, key=lambda t: t[0] != "meters")  # meters first: readings need them
-        results = {}
-        for name, sql in order:
-            results[name] = _copy_table(source, out, name, reader, pages.get(name, []) if pages else [])
-        _drop_orphans(out, results)
-        out_of_reach = _out_of_reach(source, pages)
-        for name, sql in tables:
-            _account(results[name], pages, _without_rowid(sql), bool(out_of_reach))
-        out.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with mapped(dst):
+            out.execute("PRAGMA synchronous=NORMAL")
+            have = {n for (n,) in out.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            for name, sql in tables:
+                if name not in have:
+                    out.execute(sql)
+            for sql in indexes:
+                out.execute(re.sub(r"^CREATE (UNIQUE )?INDEX ", r"CREATE \1INDEX IF NOT EXISTS ", sql))
+            with mapped(src):
+                pages = _pages(source)
+                reader = _PageReader(src) if pages is not None else None
+            order = sorted(tables, key=lambda t: t[0] != "meters")  # meters first: readings need them
+            results = {}
+            for name, sql in order:
+                results[name] = _copy_table(source, src, out, name, reader, pages.get(name, []) if pages else [])
+            _drop_orphans(out, results)
+            with mapped(src):
+                out_of_reach = _out_of_reach(source, pages)
+            for name, sql in tables:
+                _account(results[name], pages, _without_rowid(sql), bool(out_of_reach))
+            out.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         out.close()
     return Recovery([results[name] for name, _ in tables], out_of_reach)
@@ -332,7 +338,7 @@ def _down_to_damage(t: _Table, last: tuple | None, below: tuple | None) -> list[
 # ---------------------------------------------------------------- copying
 
 
-def _copy_table(source: sqlite3.Connection, out: sqlite3.Connection, name: str,
+def _copy_table(source: sqlite3.Connection, src: Path, out: sqlite3.Connection, name: str,
                 reader: "_PageReader | None", pages: list[tuple[str, int, int]]) -> TableResult:
     t = _Table(source, name)
     if reader is not None:
@@ -343,18 +349,20 @@ def _copy_table(source: sqlite3.Connection, out: sqlite3.Connection, name: str,
     pick = [len(t.key) + t.columns.index(c) for c in cols]
     fix = _fixer(name, cols, result)
     insert = f'INSERT OR REPLACE INTO {_q(name)}({", ".join(map(_q, cols))}) VALUES({", ".join("?" * len(cols))})'
-    out.execute("BEGIN IMMEDIATE")
-    try:
-        for rows in _walk(t):
+    with atomic(out):  # its ROLLBACK copes with one SQLite already made (a full disk)
+        for rows in _read(_walk(t), src):
             values = [fix(tuple(r[i] for i in pick)) for r in rows]
             values = [v for v in values if v is not None]
             out.executemany(insert, values)
             result.saved += len(values)
-        out.execute("COMMIT")
-    except BaseException:
-        out.execute("ROLLBACK")
-        raise
     return result
+
+
+def _read(chunks: Iterator[list[tuple]], src: Path) -> Iterator[list[tuple]]:
+    """``chunks``, with SQLite's errors in reading them as the gateway's naming ``src`` (the
+    caller's own errors, writing the copy, are not thrown in here)."""
+    with mapped(src):
+        yield from chunks
 
 
 def _fixer(name: str, cols: list[str], result: TableResult) -> Callable[[tuple], tuple | None]:
