@@ -335,13 +335,17 @@ class Buffer:
     # ------------------------------------------------------------------ transactions
 
     def _memory(self) -> tuple:
-        """Everything in memory that a transaction may change."""
+        """Everything in memory that a transaction may change (the rates too: a put retried on a
+        full disk must not count its readings once per try)."""
+        rates = [(r, r.events.copy(), r.total) for r in (self._rate, self._delivery_rate)]
         return (self.lanes.copy(), dict(self.stats), len(self.meters), len(self._source_ids),
                 len(self.models), self._resend_count, (self._since_reclaim, self._reclaim_due),
-                self.budget.state(), self._quarantine_bytes)
+                self.budget.state(), self._quarantine_bytes, rates)
 
     def _restore(self, saved: tuple) -> None:
-        lanes, stats, n_meters, n_sources, n_models, resend, since, budget, self._quarantine_bytes = saved
+        lanes, stats, n_meters, n_sources, n_models, resend, since, budget, self._quarantine_bytes, rates = saved
+        for rate, events, total in rates:
+            rate.events, rate.total = events, total
         self.lanes.restore(lanes)
         self.stats = stats
         while len(self.meters) > n_meters:  # ids handed out inside the transaction

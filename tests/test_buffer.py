@@ -486,6 +486,46 @@ def test_a_put_that_fails_after_evicting_leaves_memory_as_the_database(tmp_path,
     b.close()
 
 
+class _CommitFindsTheDiskFull:
+    """The buffer's connection, except that COMMIT raises "database or disk is full" while
+    ``armed`` (everything in the put ran; the WAL could not take its last pages)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+        self.armed = False
+
+    def execute(self, sql, *args):
+        if self.armed and sql == "COMMIT":
+            self.armed = False
+            self._db.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
+
+
+def test_a_put_that_fails_adds_nothing_to_the_ingest_rate(db_path, monkeypatch):
+    """The rate that status and autonomy are computed from counted a rolled-back put's rows: on a
+    full disk, every retry of one batch raised the ingest rate."""
+    now = [T0 / 1000]
+    b = Buffer(db_path, live_window_ms=10**12, clock=lambda: now[0])
+    b.put(readings(100))
+    now[0] += 60
+    real = b.db
+    failing = _CommitFindsTheDiskFull(real)
+    monkeypatch.setattr(b, "db", failing)
+    for _ in range(3):  # the source offers its batch again, and again, on a full disk
+        failing.armed = True
+        with pytest.raises(DiskFull):
+            b.put(readings(100, start=100))
+    monkeypatch.setattr(b, "db", real)
+    assert b.stats["stored"] == 100
+    b.put(readings(100, start=100))
+    assert b.status()["ingest_per_h"] == 100 * 60  # 100 readings a minute, as stored
+    b.close()
+
+
 def test_the_counts_a_promise_depends_on_commit_with_the_rows(tmp_path):
     b = Buffer(tmp_path / "b.db", budget_bytes=256 * 1024, policy="reject_newest", live_window_ms=10**12)
     fill(b, 30_000, can_wait=False)
