@@ -411,35 +411,39 @@ def buffer_recover(src: str, dst: str) -> None:
     click.echo(f"point buffer.path at {dst} to use it (moving it over {src} would meet {src}'s old WAL)")
 
 
-# What `gateway model train` imports, and the extra that installs it.
+# What `gateway model train` and `gateway model quality` import, and the extra that installs it.
 TRAIN_EXTRA_MODULES = ("lightgbm", "onnxmltools", "onnx", "sklearn")
+#: The `gateway model` commands that need the train extra: name → (module, command object).
+TRAIN_COMMANDS = {"train": ("gateway.model.train", "train_command"),
+                  "quality": ("gateway.model.quality", "quality_command")}
 
 
 class _ModelGroup(click.Group):
-    """``gateway model``: ``train`` is looked up only when asked for, so nothing is imported
-    at start-up, and without the ``train`` extra it says so instead of a traceback."""
+    """``gateway model``: ``train`` and ``quality`` are looked up only when asked for, so nothing is
+    imported at start-up, and without the ``train`` extra they say so instead of a traceback."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), "train"})
+        return sorted({*super().list_commands(ctx), *TRAIN_COMMANDS})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name != "train":
+        if name not in TRAIN_COMMANDS:
             return super().get_command(ctx, name)
-        from gateway.model.train import train_command
+        import importlib
+
+        module, attr = TRAIN_COMMANDS[name]
+        command = getattr(importlib.import_module(module), attr)
 
         def checked(**kwargs):
-            import importlib
-
-            for module in TRAIN_EXTRA_MODULES:
+            for extra in TRAIN_EXTRA_MODULES:
                 try:
-                    importlib.import_module(module)
+                    importlib.import_module(extra)
                 except ImportError:
-                    _fail(GatewayError(f"gateway model train needs the train extra ({module} is missing): "
+                    _fail(GatewayError(f"gateway model {name} needs the train extra ({extra} is missing): "
                                        "pip install 'meter-gateway[train]'"))
-            return train_command.callback(**kwargs)
+            return command.callback(**kwargs)
 
-        return click.Command(name, params=train_command.params, callback=checked, help=train_command.help,
-                             short_help=train_command.short_help)
+        return click.Command(name, params=command.params, callback=checked, help=command.help,
+                             short_help=command.short_help)
 
 
 @main.group(cls=_ModelGroup)

@@ -133,6 +133,21 @@ def test_cycle_config_errors_name_each_key(tmp_path):
     assert "cycle.metric: 'accuracy' is not one of rmsle_model, rmsle_online, anomaly_auc, anomaly_f1" in text
     assert "cycle.holdout_days: -1.0 is out of range 0..3660" in text
     assert "cycle.bogus: unknown key" in text
+    with pytest.raises(ConfigErrors, match=r"cycle.zero_state: 'yes' is not true or false"):
+        CycleConfig.from_dict({"zero_state": "yes"})
     f = tmp_path / "cycle.yaml"
     f.write_text("cycle:\n  metric: rmsle_online\n  margin: 0.05\n  holdout_days: 14\n")
     assert CycleConfig.load(f) == CycleConfig(metric="rmsle_online", margin=0.05, holdout_days=14.0)
+
+
+def test_a_cycle_with_zero_state_trains_and_judges_a_zero_state_challenger(emulation, tmp_path):
+    """cycle.zero_state: the retraining path ships the two-part model through the same judgement."""
+    weak = weakened(emulation, tmp_path / "weak")
+    # tolerance 1: on the sample's few dozen injected anomalies one reading moves F1 by several %
+    config = CycleConfig.from_dict({"rounds": 60, "zero_state": True, "tolerance": 1.0})
+    result = run(emulation, tmp_path / "cycle", config=config, champion_dir=weak, weather=WEATHER)
+    assert result.promoted, result.reason
+    manifest = json.loads((result.challenger_dir / "manifest.json").read_text())
+    assert manifest["zero_state"] is True and manifest["parity_max_abs_diff"] <= 1e-4
+    assert "Zero-state model" in (result.challenger_dir / "CARD.md").read_text()
+    assert result.evaluation["challenger"]["anomaly"]["auc"] > 0.9

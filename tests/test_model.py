@@ -57,6 +57,27 @@ def test_onnx_matches_lightgbm_and_a_different_model_is_refused():
         check_parity(body, other, X, 10.0)
 
 
+def test_a_zero_state_model_is_one_graph_the_scorer_runs(tmp_path):
+    """--zero-state: level regression and zero classifier in one ONNX graph with the plain model's
+    input and output; the output is (1 - p_zero) * level, as LightGBM computes it."""
+    from gateway.model.train import load_training_data, train
+
+    out = tmp_path / "zs"
+    manifest = train(SAMPLE, out, METADATA, rounds=20, folds=2, threads=1, zero_state=True)
+    assert manifest["zero_state"] is True and manifest["parity_max_abs_diff"] <= 1e-4
+    assert manifest["training_data"]["rows_fitted"] == 11_133  # the classifier sees every reading
+    metrics = manifest["metrics"]
+    assert metrics["rmsle_online"]["overall"] < metrics["rmsle_model"]["overall"]
+    assert 0.0 <= metrics["anomaly"]["f1"] <= 1.0 and 0.5 < metrics["anomaly"]["auc"] <= 1.0
+    scorer = Scorer(out, intra_op_threads=1)
+    assert scorer.version == manifest["version"]
+    _, _, X, ly = load_training_data(SAMPLE, METADATA)
+    pred = scorer.predict_log(X[:2000].astype(np.float32))
+    assert np.isfinite(pred).all() and (pred >= 0).all()
+    zeros = ly[:2000] == 0
+    assert pred[zeros].mean() < pred[~zeros].mean()  # the classifier pulls readings like the zeros down
+
+
 def test_scorer_loads_and_predicts(tiny_model):
     scorer = Scorer(tiny_model, intra_op_threads=1)
     manifest = json.loads((tiny_model / "manifest.json").read_text())

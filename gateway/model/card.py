@@ -42,6 +42,25 @@ def _quality(m: dict) -> list[str]:
             (m.get("anomaly") or {}).get("auc", m.get("auc")), (m.get("anomaly") or {}).get("f1", m.get("f1"))]
 
 
+def _recipes(quality: dict | None) -> list[str]:
+    """The ``gateway model quality`` result recorded in the manifest: each recipe against the aims."""
+    if not quality:
+        return []
+    from gateway.model.quality import AIMS, figures, met
+
+    h = quality.get("holdout") or {}
+    rows = [["aim", *(f"{b} {a:g}" for b, a in AIMS.values())]]
+    for name, ev in (quality.get("recipes") or {}).items():
+        rows.append([name, *(("–" if v is None else f"{v:.3f}" + ("" if met(k, v) else " (missed)"))
+                             for k, v in figures(ev).items())])
+    return ["", f"Each training recipe on the cycle's holdout (`gateway model quality`): trained without "
+            f"{_f(h.get('buildings'))} buildings, scored on their readings from {h.get('from_local', '?')} to "
+            f"{h.get('to_local', '?')} ({_f(h.get('readings'))} readings; the "
+            f"{_f(h.get('warm_up_readings'))} before only warm up the online learning).", "",
+            *_table(["recipe", "RMSLE, model alone", "RMSLE, after online learning", "anomaly AUC",
+                     "anomaly F1 at the threshold"], rows)]
+
+
 def render(manifest: dict) -> str:
     """The card's markdown."""
     name, version = manifest.get("name", "model"), manifest.get("version", "?")
@@ -51,7 +70,10 @@ def render(manifest: dict) -> str:
              "Expected hourly energy of a building meter (LightGBM exported to ONNX; one input `features`, "
              f"{len(manifest.get('feature_names', []))} columns, one output `{manifest.get('output', 'log1p_expected')}`"
              "). The gateway corrects it per meter online and scores anomalies against it. Generated from "
-             "`manifest.json` by `gateway.model.card`.", "",
+             "`manifest.json` by `gateway.model.card`."
+             + (" Zero-state model: a level regression on the non-zero readings times the chance the meter "
+                "reads more than 0, from a classifier, in the one graph." if manifest.get("zero_state") else ""),
+             "",
              "## Lineage", ""]
     lines += _table(["", ""], [
         ["version", version], ["created (UTC)", manifest.get("created")],
@@ -80,6 +102,7 @@ def render(manifest: dict) -> str:
                          "anomaly F1 at the threshold"], quality)
     else:
         lines += ["(no evaluation was run)"]
+    lines += _recipes(manifest.get("quality"))
     if ev:
         h = ev.get("holdout") or {}
         lines += ["", f"Holdout: {_f(h.get('buildings'))} buildings never trained on, readings from "

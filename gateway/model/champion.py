@@ -81,43 +81,45 @@ def split(table, holdout_buildings: float = 0.25, holdout_days: float = 30.0, se
     return h
 
 
+def holdout_rows(table, holdout: Holdout) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out buildings' rows in time order (warm-up and scored), and which of them are scored."""
+    rows = np.concatenate([holdout.warm, holdout.test])
+    rows = rows[np.argsort(table.ts_ms[rows], kind="stable")]
+    return rows, np.isin(rows, holdout.test)
+
+
 def evaluate(model_dir: str | Path, table, X: np.ndarray, ly: np.ndarray, holdout: Holdout,
              anomaly_rate: float = 0.02, seed: int = 0) -> dict:
     """The model's figures on the holdout (see the module docstring); ModelError if it fails verification."""
-    from sklearn.metrics import roc_auc_score
-
-    from gateway.model.evaluate import inject_anomalies, rmsle, run_online
-    from gateway.model.online import MeterStats
     from gateway.model.scorer import Scorer
 
     scorer = Scorer(model_dir)
-    rows = np.concatenate([holdout.warm, holdout.test])
-    rows = rows[np.argsort(table.ts_ms[rows], kind="stable")]
-    scored = np.isin(rows, holdout.test)
-    pred = scorer.predict_log(X[rows])
+    rows, scored = holdout_rows(table, holdout)
+    return {"version": scorer.version, **judge(scorer.predict_log(X[rows]), table, ly, rows, scored, anomaly_rate, seed)}
+
+
+def judge(pred: np.ndarray, table, ly: np.ndarray, rows: np.ndarray, scored: np.ndarray,
+          anomaly_rate: float = 0.02, seed: int = 0) -> dict:
+    """The figures of predictions ``pred`` (log1p, for ``rows`` in time order) on the ``scored`` ones:
+    the earlier rows only warm up the per-meter online learning."""
+    from sklearn.metrics import roc_auc_score
+
+    from gateway.model.evaluate import flag_quality, inject_anomalies, rmsle, run_online
+    from gateway.model.online import MeterStats
+
     keys = np.char.add(np.char.add(table.building_id[rows].astype(str), ":"), table.meter[rows].astype(str))
     actual, meter = ly[rows], table.meter[rows]
     expected, _ = run_online(keys, pred, actual)
     injected, is_anomaly = inject_anomalies(table.meter_reading[rows], anomaly_rate, seed)
     _, score = run_online(keys, pred, np.log1p(injected))
-    threshold = MeterStats().threshold
-    flag = score[scored] >= threshold
     truth = is_anomaly[scored]
-    tp, fp, fn = int((flag & truth).sum()), int((flag & ~truth).sum()), int((~flag & truth).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
     both = truth.any() and not truth.all()
     return {
-        "version": scorer.version,
         "readings": int(scored.sum()),
         "rmsle_model": rmsle(pred[scored], actual[scored], meter[scored]),
         "rmsle_online": rmsle(expected[scored], actual[scored], meter[scored]),
-        "anomaly": {
-            "auc": float(roc_auc_score(truth, score[scored])) if both else None,
-            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-            "precision": precision, "recall": recall, "injected": int(truth.sum()),
-            "flag_rate_clean": float(flag[~truth].mean()) if (~truth).any() else 0.0, "threshold": threshold,
-        },
+        "anomaly": {"auc": float(roc_auc_score(truth, score[scored])) if both else None,
+                    **flag_quality(score[scored], truth, MeterStats().threshold)},
     }
 
 

@@ -36,6 +36,8 @@ key                        default        meaning
 ``rounds``                 ``200``        LightGBM rounds of the challenger
 ``anomaly_rate``           ``0.02``       share of holdout readings turned into spikes/dropouts
 ``seed``                   ``0``          the holdout's building choice and the injected anomalies
+``zero_state``             ``false``      train the challenger as a zero-state model
+                                          (:mod:`gateway.model.zero_state`)
 =========================  =============  ====================================================
 """
 
@@ -69,6 +71,7 @@ class CycleConfig:
     rounds: int = 200
     anomaly_rate: float = 0.02
     seed: int = 0
+    zero_state: bool = False
 
     @classmethod
     def from_dict(cls, raw, where: str = "cycle") -> CycleConfig:
@@ -85,14 +88,16 @@ class CycleConfig:
             if key not in known:
                 problems.append(ConfigError(f"{where}.{key}", f"unknown key (known: {', '.join(known)})"))
                 continue
-            want = int if known[key].type in ("int", int) else float if known[key].type in ("float", float) else str
-            if want is str:
-                ok = isinstance(value, str)
+            kind = known[key].type
+            want = {"int": int, "float": float, "bool": bool}.get(kind, str) if isinstance(kind, str) else kind
+            if want in (str, bool):
+                ok = isinstance(value, want)
             else:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (want is float or
                                                                                          float(value).is_integer())
             if not ok:
-                problems.append(ConfigError(f"{where}.{key}", f"{value!r} is not {'a number' if want is float else want.__name__}"))
+                kind = {float: "a number", bool: "true or false"}.get(want, want.__name__)
+                problems.append(ConfigError(f"{where}.{key}", f"{value!r} is not {kind}"))
                 continue
             values[key] = want(value)
         if "metric" in values and values["metric"] not in METRICS:
@@ -272,7 +277,8 @@ def _cycle(source, workdir, config, champion_dir, root, buildings_csv, weather, 
     manifest = fit_and_write(table.take(train_rows), X[train_rows], ly[train_rows], out, name=name,
                              training_data={**data, "holdout": {k: held[k] for k in ("buildings", "building_ids",
                                                                                      "readings", "cutoff_utc_ms")}},
-                             rounds=config.rounds, evaluate=False, parent=champ_version, trained_by="gateway cycle")
+                             rounds=config.rounds, evaluate=False, parent=champ_version, trained_by="gateway cycle",
+                             zero_state=config.zero_state)
     new_version = manifest["version"]
     evaluation = {"holdout": held, "metric": config.metric, "margin": config.margin, "tolerance": config.tolerance}
     try:

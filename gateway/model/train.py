@@ -163,13 +163,38 @@ def _fit(X, ly, fill, params, rounds, threads):
     return lgb.train({**params, "num_threads": threads}, ds, rounds)
 
 
+def fit_predictor(X, ly, rows, fill, params, rounds, threads, zero_state: bool = False):
+    """(regression, zero-state classifier or None) fitted on ``rows``. With ``zero_state`` the
+    regression sees only the non-zero readings among them and the classifier every one of ``rows``
+    (:mod:`gateway.model.zero_state`)."""
+    if not zero_state:
+        return _fit(X[rows], ly[rows], fill, params, rounds, threads), None
+    from gateway.model import zero_state as zs
+
+    on = rows[ly[rows] > 0]
+    return _fit(X[on], ly[on], fill, params, rounds, threads), zs.fit(X[rows], ly[rows] == 0, params, rounds, threads)
+
+
+def predict_log(booster, classifier, X, fill) -> np.ndarray:
+    """log1p(expected) as the exported graph computes it, from LightGBM itself."""
+    level = booster.predict(X) + _offset(X, fill)
+    if classifier is None:
+        return level
+    from gateway.model import zero_state as zs
+
+    return zs.combine(level, classifier.predict(X))
+
+
 def cross_validate(
-    table, X, ly, params=None, rounds=DEFAULT_ROUNDS, folds=5, threads=0, progress=None, exclude=None
+    table, X, ly, params=None, rounds=DEFAULT_ROUNDS, folds=5, threads=0, progress=None, exclude=None,
+    zero_state: bool = False,
 ) -> dict:
     """GroupKFold by building: model vs naive RMSLE, online correction and anomaly AUC, all out of fold.
 
     ``exclude`` (bool per row): left out of each fold's training rows, never out of the evaluation;
     the RMSLE without them is reported as well (``rmsle_model_clean``, ``rmsle_naive_clean``).
+    ``zero_state``: each fold's model is a level regression and a zero-state classifier (the
+    classifier trains on every reading of the fold, known-bad zeros included).
     """
     from sklearn.model_selection import GroupKFold
 
@@ -179,10 +204,11 @@ def cross_validate(
     naive = np.zeros(len(ly))
     for k, (tr, te) in enumerate(GroupKFold(folds).split(X, ly, table.building_id)):
         t0 = time.perf_counter()
+        fit_rows = tr if zero_state else tr[~exclude[tr]]
         tr = tr[~exclude[tr]]
         fill = float(np.nanmedian(X[tr, FEATURE_INDEX["log_square_feet"]]))
-        booster = _fit(X[tr], ly[tr], fill, params, rounds, threads)
-        oof[te] = booster.predict(X[te]) + _offset(X[te], fill)
+        booster, classifier = fit_predictor(X, ly, fit_rows, fill, params, rounds, threads, zero_state)
+        oof[te] = predict_log(booster, classifier, X[te], fill)
         naive[te] = naive_baseline(X[tr], ly[tr], X[te])
         fold = rmsle(oof[te], ly[te], table.meter[te])["overall"]
         log.info("fold %d/%d: %d unseen buildings, RMSLE %.4f (%.0f s)", k + 1, folds,
@@ -206,8 +232,9 @@ def cross_validate(
     }
 
 
-def to_onnx(booster, n_features: int, fill: float):
-    """Convert with onnxmltools and append ``+ log(square feet)`` (NaN → ``fill``) to the graph."""
+def to_onnx(booster, n_features: int, fill: float, classifier=None):
+    """Convert with onnxmltools and append ``+ log(square feet)`` (NaN → ``fill``) to the graph;
+    with a zero-state ``classifier``, that sum is the level and the output (1 − p_zero) · level."""
     import onnx
     from onnx import TensorProto, helper
     from onnxmltools import convert_lightgbm
@@ -225,8 +252,12 @@ def to_onnx(booster, n_features: int, fill: float):
         helper.make_node("Gather", [INPUT_NAME, "lsf_index"], ["lsf_raw"], axis=1),
         helper.make_node("IsNaN", ["lsf_raw"], ["lsf_isnan"]),
         helper.make_node("Where", ["lsf_isnan", "lsf_fill", "lsf_raw"], ["lsf"]),
-        helper.make_node("Add", [raw, "lsf"], [OUTPUT_NAME]),
+        helper.make_node("Add", [raw, "lsf"], [OUTPUT_NAME if classifier is None else "log1p_level"]),
     ])  # fmt: skip
+    if classifier is not None:
+        from gateway.model import zero_state as zs
+
+        zs.append_to_graph(model, classifier, INPUT_NAME, "log1p_level", OUTPUT_NAME)
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx"):
             opset.version = max(opset.version, 13)  # IsNaN on float, Where
@@ -236,13 +267,13 @@ def to_onnx(booster, n_features: int, fill: float):
     return model
 
 
-def check_parity(model_bytes: bytes, booster, X: np.ndarray, fill: float) -> float:
+def check_parity(model_bytes: bytes, booster, X: np.ndarray, fill: float, classifier=None) -> float:
     """Max |ONNX − LightGBM| in log space over ``X``; raises ModelError above the tolerance."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     got = sess.run(None, {INPUT_NAME: X.astype(np.float32)})[0].reshape(-1)
-    want = booster.predict(X) + _offset(X, fill)
+    want = predict_log(booster, classifier, X, fill)
     diff = float(np.max(np.abs(got.astype(np.float64) - want))) if len(X) else 0.0
     if not diff <= PARITY_TOLERANCE:
         raise ModelError(f"ONNX parity check failed: max abs diff {diff:.3g} > {PARITY_TOLERANCE:g} in log space")
@@ -271,6 +302,7 @@ def train(
     parent: str | None = None,
     trained_by: str = "gateway model train",
     card: bool = False,
+    zero_state: bool = False,
 ) -> dict:
     """Train on ``data_path`` (an ASHRAE CSV) or ``source`` (the analytics store, see
     :func:`load_from`), evaluate (unless ``evaluate=False``), write the model folder; returns the manifest.
@@ -278,7 +310,8 @@ def train(
     ``progress(done, total)`` is called after each fold and after the final fit. ``clean``: leave
     :func:`known_bad_zeros` out of training (evaluation always keeps every reading). ``parent``:
     the version of the model in service, for the lineage. ``card``: also write ``CARD.md``
-    (:mod:`gateway.model.card`) into the folder.
+    (:mod:`gateway.model.card`) into the folder. ``zero_state``: a level regression and a zero-state
+    classifier in one graph (:mod:`gateway.model.zero_state`).
     """
     if (data_path is None) == (source is None):
         raise ModelError("give one of --data (an ASHRAE CSV) or --from (the analytics store)")
@@ -289,13 +322,14 @@ def train(
         data = {"path": Path(data_path).name, "readings": len(ly)}
     return fit_and_write(table, X, ly, out_dir, training_data=data, params=params, rounds=rounds, folds=folds,
                          threads=threads, evaluate=evaluate, name=name, progress=progress, clean=clean,
-                         parent=parent, trained_by=trained_by, card=card)
+                         parent=parent, trained_by=trained_by, card=card, zero_state=zero_state)
 
 
 def fit_and_write(
     table, X, ly, out_dir, *, training_data: dict, params: dict | None = None, rounds: int = DEFAULT_ROUNDS,
     folds: int = 5, threads: int = 0, evaluate: bool = True, name: str | None = None, progress=None,
     clean: bool = True, parent: str | None = None, trained_by: str = "gateway model train", card: bool = False,
+    zero_state: bool = False,
 ) -> dict:
     """Fit on the rows of ``table`` (features ``X``, targets ``ly``), check ONNX parity in log
     space, write the model folder and its card; returns the manifest."""
@@ -305,17 +339,19 @@ def fit_and_write(
     log.info("%d readings of %d buildings, %d features", len(ly), len(np.unique(table.building_id)), X.shape[1])
     exclude = known_bad_zeros(table) if clean else np.zeros(len(ly), dtype=bool)
     log.info("%d known-bad zero readings left out of training", int(exclude.sum()))
-    metrics = cross_validate(table, X, ly, params, rounds, folds, threads, progress, exclude) if evaluate else {}
+    metrics = (cross_validate(table, X, ly, params, rounds, folds, threads, progress, exclude, zero_state)
+               if evaluate else {})
     keep = np.flatnonzero(~exclude)
     fill = float(np.nanmedian(X[keep, FEATURE_INDEX["log_square_feet"]]))
-    booster = _fit(X[keep], ly[keep], fill, params, rounds, threads)
+    fit_rows = np.arange(len(ly)) if zero_state else keep
+    booster, classifier = fit_predictor(X, ly, fit_rows, fill, params, rounds, threads, zero_state)
     if progress is not None:
         progress(folds, folds)
-    model = to_onnx(booster, X.shape[1], fill)
+    model = to_onnx(booster, X.shape[1], fill, classifier)
 
     rng = np.random.default_rng(0)
     sample = X[rng.choice(len(X), size=min(20_000, len(X)), replace=False)]
-    diff = check_parity(model.SerializeToString(), booster, sample, fill)
+    diff = check_parity(model.SerializeToString(), booster, sample, fill, classifier)
     log.info("ONNX parity: max abs diff %.2e on %d rows", diff, len(sample))
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -328,9 +364,10 @@ def fit_and_write(
                                      "from_utc_ms": int(table.ts_ms.min()), "to_utc_ms": int(table.ts_ms.max()),
                                      "buildings": int(len(np.unique(table.building_id))),
                                      "meters": int(len(np.unique(table.building_id * 4 + table.meter))),
-                                     "rows_fitted": len(keep), "excluded": "known_bad_zeros" if clean else "none"}),  # fmt: skip
+                                     "rows_fitted": len(fit_rows),
+                                     "excluded": "none" if zero_state or not clean else "known_bad_zeros"}),  # fmt: skip
         "metrics": json.dumps(metrics),
-        "params": json.dumps({**params, "rounds": rounds}),
+        "params": json.dumps({**params, "rounds": rounds, "zero_state": zero_state}),
         "lineage": json.dumps({"parent": parent, "code_version": code_version(), "trained_by": trained_by}),
     }
     body = model.SerializeToString()
@@ -341,7 +378,7 @@ def fit_and_write(
         entry.key, entry.value = key, value
     model.producer_name = "gateway.model.train"
     body = model.SerializeToString()
-    check_parity(body, booster, sample, fill)  # what is written is what was checked
+    check_parity(body, booster, sample, fill, classifier)  # what is written is what was checked
 
     import onnxruntime as ort
 
@@ -361,6 +398,7 @@ def fit_and_write(
         "training_data": json.loads(meta["training_data"]),
         "parity_max_abs_diff": diff,
         "metrics": metrics,
+        "zero_state": zero_state,
         "lineage": json.loads(meta["lineage"]),
     }
     (out / "model.onnx").write_bytes(body)
@@ -395,8 +433,10 @@ def _command():
     @click.option("--folds", default=5, show_default=True)
     @click.option("--no-eval", is_flag=True, help="skip the cross-validation")
     @click.option("--keep-bad-zeros", is_flag=True, help="train on known-bad zero stretches too")
+    @click.option("--zero-state", is_flag=True,
+                  help="a level regression on the non-zero readings and a classifier of zero readings, in one graph")
     def train_command(data_path, source, out_dir, buildings_csv, weather, parent_dir, rounds, folds, no_eval,
-                      keep_bad_zeros):
+                      keep_bad_zeros, zero_state):
         """Train the model on an ASHRAE CSV or the analytics store and write MODEL_DIR (model.onnx,
         golden.json, manifest.json, CARD.md)."""
         from rich.logging import RichHandler
@@ -408,7 +448,7 @@ def _command():
             raise click.ClickException(f"--parent {parent_dir}: cannot read its manifest.json: {exc}") from exc
         try:
             manifest = train(data_path, out_dir, buildings_csv, rounds=rounds, folds=folds, evaluate=not no_eval,
-                             clean=not keep_bad_zeros, source=source, weather=weather, parent=parent, card=True)  # fmt: skip
+                             clean=not keep_bad_zeros, source=source, weather=weather, parent=parent, card=True, zero_state=zero_state)  # fmt: skip
         except ModelError as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(json.dumps({"version": manifest["version"], "metrics": manifest["metrics"]}, indent=2))
