@@ -14,6 +14,7 @@ Contract: :meth:`Buffer.put` / :meth:`Buffer.claim` a batch / :meth:`Buffer.ack`
 
 The concepts around it have their own files: :mod:`gateway.lanes` (cursors, live lane, order),
 :mod:`gateway.budget` (the byte budget and its policies), :mod:`gateway.quarantine`,
+:mod:`gateway.ids` (meter, source and model ids), :mod:`gateway.keyrange` (SQL for key ranges),
 :mod:`gateway.schema` (migrations) and :mod:`gateway.db` (``atomic()``, sqlite3 error mapping).
 
 Storage
@@ -58,8 +59,10 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol
 from gateway import quarantine as q
 from gateway.budget import POLICIES, Budget
 from gateway.db import atomic, map_error, mapped
+from gateway.ids import Ids, MeterInfo
 from gateway.errors import BufferCorrupt, BufferError, BufferFull, DiskFull
 from gateway.lanes import BOTTOM, Claim, Key, Lane, Lanes
+from gateway.keyrange import after, between, upto
 from gateway.lock import BufferLock
 from gateway.rates import Rate
 from gateway.readings import Reading, Rejected, check, check_batch
@@ -119,16 +122,6 @@ class PutResult(NamedTuple):
     refused: int
 
 
-class MeterInfo(NamedTuple):
-    site: str
-    building: str
-    meter: str
-
-    @property
-    def key(self) -> str:
-        return f"{self.building}:{self.meter}"
-
-
 class IngestScorer(Protocol):
     """What the buffer needs of a scorer (:class:`gateway.model.scoring.ReadingScorer`)."""
 
@@ -146,24 +139,6 @@ class IngestScorer(Protocol):
     def saved(self) -> None:
         """The transaction of the last :meth:`save` committed."""
         ...
-
-
-def _after(key: Key, t: str = "") -> tuple[str, tuple]:
-    """SQL for ``(ts, meter) > key`` that uses the primary key (``t``: a table alias and dot)."""
-    return f"{t}ts >= ? AND ({t}ts > ? OR {t}meter > ?)", (key[0], key[0], key[1])
-
-
-def _upto(key: Key, t: str = "") -> tuple[str, tuple]:
-    """SQL for ``(ts, meter) <= key`` that uses the primary key (``t``: a table alias and dot)."""
-    return f"{t}ts <= ? AND ({t}ts < ? OR {t}meter <= ?)", (key[0], key[0], key[1])
-
-
-def _between(lo: Key, hi: Key | None) -> tuple[str, tuple]:
-    sql, args = _after(lo)
-    if hi is not None:
-        usql, uargs = _upto(hi)
-        sql, args = f"{sql} AND {usql}", args + uargs
-    return sql, args
 
 
 class Buffer:
@@ -246,6 +221,15 @@ class Buffer:
     def policy(self) -> str:
         return self.budget.policy
 
+    # The id registry's meters and model versions by id (the forwarder names them in messages).
+    @property
+    def meters(self) -> dict[int, MeterInfo]:
+        return self.ids.meters
+
+    @property
+    def models(self) -> dict[int, str]:
+        return self.ids.models
+
     # The lanes, for status and tests.
     @property
     def backlog(self) -> Lane:
@@ -286,17 +270,7 @@ class Buffer:
 
     def _load(self) -> None:
         db = self.db
-        self.meters: dict[int, MeterInfo] = {}
-        self._meter_ids: dict[tuple[str, str, str], int] = {}
-        for mid, site, building, meter in db.execute("SELECT id, site, building, meter FROM meters"):
-            self.meters[mid] = MeterInfo(site, building, meter)
-            self._meter_ids[(site, building, meter)] = mid
-        self._source_ids = {name: sid for sid, name in db.execute("SELECT id, name FROM sources")}
-        try:
-            self.models: dict[int, str] = dict(db.execute("SELECT id, version FROM models"))
-        except sqlite3.OperationalError:  # a read-only look at a file not yet migrated
-            self.models = {}
-        self._model_ids = {v: k for k, v in self.models.items()}
+        self.ids = Ids(db)
         self.stats: dict[str, Any] = {k: 0 for k in STAT_KEYS}
         self.stats.update(self._state("stats", {}))
         cursor, live = self._state("cursor", list(BOTTOM)), self._state("live")
@@ -310,16 +284,16 @@ class Buffer:
             # Resend entries that a lane will walk again anyway are dropped (they would go twice),
             # and so are those whose reading is gone.
             with atomic(db):
-                sql, args = _upto(self.lanes.backlog.cursor)
+                sql, args = upto(self.lanes.backlog.cursor)
                 keep = f"({sql})"
                 if self.lanes.live is not None:
-                    lsql, largs = _after(self.lanes.floor)
-                    usql, uargs = _upto(self.lanes.live.cursor)
+                    lsql, largs = after(self.lanes.floor)
+                    usql, uargs = upto(self.lanes.live.cursor)
                     keep += f" OR (({lsql}) AND ({usql}))"
                     args = args + largs + uargs
                 for lane in (self.lanes.backlog, self.lanes.live):  # the lanes step over their holes
                     for c in lane.inflight if lane is not None else ():
-                        hsql, hargs = _upto(c.hi)
+                        hsql, hargs = upto(c.hi)
                         keep += f" OR ((ts > ? OR (ts = ? AND meter >= ?)) AND ({hsql}))"
                         args = args + (c.lo[0], c.lo[0], c.lo[1]) + hargs
                 db.execute(f"DELETE FROM resend WHERE NOT ({keep})", args)
@@ -338,23 +312,16 @@ class Buffer:
         """Everything in memory that a transaction may change (the rates too: a put retried on a
         full disk must not count its readings once per try)."""
         rates = [(r, r.events.copy(), r.total) for r in (self._rate, self._delivery_rate)]
-        return (self.lanes.copy(), dict(self.stats), len(self.meters), len(self._source_ids),
-                len(self.models), self._resend_count, (self._since_reclaim, self._reclaim_due),
+        return (self.lanes.copy(), dict(self.stats), self.ids.mark(), self._resend_count, (self._since_reclaim, self._reclaim_due),
                 self.budget.state(), self._quarantine_bytes, rates)
 
     def _restore(self, saved: tuple) -> None:
-        lanes, stats, n_meters, n_sources, n_models, resend, since, budget, self._quarantine_bytes, rates = saved
+        lanes, stats, ids, resend, since, budget, self._quarantine_bytes, rates = saved
         for rate, events, total in rates:
             rate.events, rate.total = events, total
         self.lanes.restore(lanes)
         self.stats = stats
-        while len(self.meters) > n_meters:  # ids handed out inside the transaction
-            mid, info = self.meters.popitem()
-            self._meter_ids.pop(tuple(info), None)
-        while len(self._source_ids) > n_sources:
-            self._source_ids.pop(next(reversed(self._source_ids)))
-        while len(self.models) > n_models:
-            self._model_ids.pop(self.models.popitem()[1], None)
+        self.ids.restore(ids)  # ids handed out inside the transaction
         self._resend_count, (self._since_reclaim, self._reclaim_due) = resend, since
         self.budget.restore(budget)
 
@@ -427,7 +394,7 @@ class Buffer:
                     self._quarantine(db, quarantine)
                     if source is not None:
                         db.execute("UPDATE sources SET position = ? WHERE id = ?",
-                                   (json.dumps(position), self._source_id(source)))
+                                   (json.dumps(position), self.ids.source_id(db, source)))
                     self._count(len(readings), stored, duplicates, len(quarantine), evicted, refused, now_ms)
                     saving = self.scorer is not None and self.scorer.save_due()
                     if saving:
@@ -456,8 +423,8 @@ class Buffer:
             reason = check(r, now_ms)
             if reason is None:
                 site, building, meter, ts, value, src = r
-                mid = self._meter_ids.get((site, building, meter)) or self._meter_id(site, building, meter)
-                rows.append((ts, mid, value, self._source_id(src)))
+                rows.append((ts, self.ids.meter_id(self.db, site, building, meter), value,
+                             self.ids.source_id(self.db, src)))
             else:
                 quarantine.append((now_ms, "reading", reason, repr(tuple(r))[:1024], str(r.source),
                                    f"{r.source}@{r.ts!r}"[:256]))
@@ -473,40 +440,10 @@ class Buffer:
         if cols is None:
             return None
         keys, ts, values, src = cols
-        mids = list(map(self._meter_ids.get, keys))
+        mids = list(map(self.ids.meter_ids.get, keys))
         if None in mids:
             return None
-        return list(zip(ts, mids, values, repeat(self._source_id(src)))), min(ts)
-
-    def _meter_id(self, site: str, building: str, meter: str) -> int:
-        mid = self.db.execute(
-            "INSERT INTO meters(site, building, meter) VALUES(?, ?, ?)", (site, building, meter)
-        ).lastrowid
-        self.meters[mid] = MeterInfo(site, building, meter)
-        self._meter_ids[(site, building, meter)] = mid
-        return mid
-
-    def _source_id(self, name: str) -> int:
-        """The id of source ``name``, recorded on first sight (inside put's transaction)."""
-        sid = self._source_ids.get(name)
-        if sid is None:
-            sid = self._source_ids[str(name)] = self.db.execute(
-                "INSERT INTO sources(name) VALUES(?)", (str(name),)).lastrowid
-        return sid
-
-    def _source_name(self, sid: int) -> str:
-        for name, i in self._source_ids.items():
-            if i == sid:
-                return name
-        return str(sid)
-
-    def _model_id(self, version: str) -> int:
-        mid = self._model_ids.get(version)
-        if mid is None:
-            mid = self.db.execute("INSERT INTO models(version) VALUES(?)", (version,)).lastrowid
-            self.models[mid] = version
-            self._model_ids[version] = mid
-        return mid
+        return list(zip(ts, mids, values, repeat(self.ids.source_id(self.db, src)))), min(ts)
 
     def _score(self, rows: list[tuple]) -> tuple[list[tuple], Callable[[], None] | None]:
         """Rows with their scores (expected, score, flag, model id), or NULLs where a reading
@@ -521,7 +458,7 @@ class Buffer:
             self.stats["unscored"] += len(rows)
             return rows, None
         self.scoring_error = None
-        model = self._model_id(version)
+        model = self.ids.model_id(self.db, version)
         out, none = [], (None, None, None, None)
         for row, s in zip(rows, scores):
             if s is None:
@@ -545,7 +482,7 @@ class Buffer:
                 quarantine.append((
                     now_ms, "reading",
                     f"duplicate (meter, ts) with a different value: stored {stored!r}, got {value!r}",
-                    repr((m.site, m.building, m.meter, ts, value)), self._source_name(sid), f"{m.key}@{ts}",
+                    repr((m.site, m.building, m.meter, ts, value)), self.ids.source_name(sid), f"{m.key}@{ts}",
                 ))
                 keys.add((ts, mid))
         return keys
@@ -632,7 +569,7 @@ class Buffer:
         return gone
 
     def _evict_range(self, lane: Lane, ceiling: Key | None, n: int) -> int:
-        sql, args = _between(lane.frontier, ceiling)
+        sql, args = between(lane.frontier, ceiling)
         last = self.db.execute(
             f"SELECT ts, meter FROM readings WHERE {sql} ORDER BY ts, meter LIMIT 1 OFFSET ?", args + (n - 1,)
         ).fetchone()
@@ -642,7 +579,7 @@ class Buffer:
             ).fetchone()
             if last is None:
                 return 0
-        usql, uargs = _upto(tuple(last))
+        usql, uargs = upto(tuple(last))
         before = self.db.total_changes
         self.db.execute(f"DELETE FROM readings WHERE {sql} AND {usql}", args + uargs)
         gone = self.db.total_changes - before
@@ -697,7 +634,7 @@ class Buffer:
 
     def _next_is_live(self) -> bool:
         """Whether the backlog's next unsent reading is live by the wall clock."""
-        sql, args = _after(self.lanes.backlog.frontier)
+        sql, args = after(self.lanes.backlog.frontier)
         nxt = self.db.execute(f"SELECT ts FROM readings WHERE {sql} ORDER BY ts, meter LIMIT 1", args).fetchone()
         return nxt is not None and nxt[0] > int(self.clock() * 1000) - self.live_window_ms
 
@@ -706,7 +643,7 @@ class Buffer:
         was handed back: their readings are delivered, and are not sent again)."""
         lanes = self.lanes
         while True:
-            sql, args = _between(lane.frontier, lanes.upper(lane))
+            sql, args = between(lane.frontier, lanes.upper(lane))
             rows = self.db.execute(f"{SELECT_ROWS} WHERE {sql} ORDER BY ts, meter LIMIT ?",
                                    args + (limit,)).fetchall()
             c = lanes.take(lane, rows) if rows else None
@@ -719,7 +656,7 @@ class Buffer:
 
     def _claim_resend(self, limit: int) -> Claim | None:
         lanes = self.lanes
-        sql, args = _after(lanes.resend_frontier, "s.")
+        sql, args = after(lanes.resend_frontier, "s.")
         rows = self.db.execute(
             f"SELECT {_columns('r.')} FROM resend s JOIN readings r USING(ts, meter)"
             f" WHERE {sql} ORDER BY s.ts, s.meter LIMIT ?",
@@ -742,8 +679,8 @@ class Buffer:
         if floor <= lanes.top_frontier:
             return
         nxt = self.db.execute(
-            f"SELECT ts FROM readings WHERE {_after(lanes.backlog.frontier)[0]} ORDER BY ts, meter LIMIT 1",
-            _after(lanes.backlog.frontier)[1],
+            f"SELECT ts FROM readings WHERE {after(lanes.backlog.frontier)[0]} ORDER BY ts, meter LIMIT 1",
+            after(lanes.backlog.frontier)[1],
         ).fetchone()
         if nxt is None or nxt[0] > floor[0]:
             return  # nothing older than the window waits: time order is live order
@@ -758,7 +695,7 @@ class Buffer:
         lanes = self.lanes
         if lanes.live is None or lanes.backlog.inflight:
             return
-        sql, args = _between(lanes.backlog.frontier, lanes.floor)
+        sql, args = between(lanes.backlog.frontier, lanes.floor)
         if self.db.execute(f"SELECT 1 FROM readings WHERE {sql} LIMIT 1", args).fetchone() is not None:
             return
         with self._atomic():
@@ -831,10 +768,10 @@ class Buffer:
         of a whole backlog could never commit, and nothing else could either."""
         top = self.lanes.backlog.cursor
         edge = self.db.execute(
-            f"SELECT ts, meter FROM readings WHERE {_upto(top)[0]} ORDER BY ts, meter LIMIT 1 OFFSET ?",
-            _upto(top)[1] + (limit - 1,)).fetchone()
+            f"SELECT ts, meter FROM readings WHERE {upto(top)[0]} ORDER BY ts, meter LIMIT 1 OFFSET ?",
+            upto(top)[1] + (limit - 1,)).fetchone()
         done = edge is None  # fewer than limit left: this delete takes them all
-        sql, args = _upto(top if done else tuple(edge))
+        sql, args = upto(top if done else tuple(edge))
         if self._resend_count:
             sql += " AND NOT EXISTS (SELECT 1 FROM resend s WHERE s.ts = readings.ts AND s.meter = readings.meter)"
         before = self.db.total_changes
@@ -921,12 +858,12 @@ class Buffer:
         """Readings stored and not yet acknowledged."""
         with self._lock, mapped(self.path):
             lanes = self.lanes
-            sql, args = _after(lanes.backlog.cursor)
+            sql, args = after(lanes.backlog.cursor)
             if self._resend_count:
                 sql += " AND NOT EXISTS (SELECT 1 FROM resend s WHERE s.ts = readings.ts AND s.meter = readings.meter)"
             n = self.db.execute(f"SELECT count(*) FROM readings WHERE {sql}", args).fetchone()[0]
             if lanes.live is not None:
-                lsql, largs = _between(lanes.floor, lanes.live.cursor)
+                lsql, largs = between(lanes.floor, lanes.live.cursor)
                 if self._resend_count:
                     lsql += (" AND NOT EXISTS (SELECT 1 FROM resend s WHERE s.ts = readings.ts"
                              " AND s.meter = readings.meter)")
@@ -937,7 +874,7 @@ class Buffer:
 
     def oldest_pending_ts(self) -> int | None:
         with self._lock, mapped(self.path):
-            sql, args = _after(self.lanes.backlog.cursor)
+            sql, args = after(self.lanes.backlog.cursor)
             row = self.db.execute(
                 f"SELECT ts FROM readings WHERE {sql} ORDER BY ts, meter LIMIT 1", args
             ).fetchone()
