@@ -13,7 +13,8 @@ Contract: :meth:`Buffer.put` / :meth:`Buffer.claim` a batch / :meth:`Buffer.ack`
 - ``ack`` marks a claim delivered. Nothing is removed before it is acknowledged.
 
 The concepts around it have their own files: :mod:`gateway.lanes` (cursors, live lane, order),
-:mod:`gateway.budget` (the byte budget and its policies), :mod:`gateway.quarantine`,
+:mod:`gateway.budget` (the byte budget and its policies), :mod:`gateway.eviction` (what the
+policies do when it is used up), :mod:`gateway.reclaim`, :mod:`gateway.quarantine`,
 :mod:`gateway.ids` (meter, source and model ids), :mod:`gateway.keyrange` (SQL for key ranges),
 :mod:`gateway.schema` (migrations) and :mod:`gateway.db` (``atomic()``, sqlite3 error mapping).
 
@@ -31,17 +32,12 @@ Scoring at ingest
 
 Sending by cursor
     Acknowledging does not delete: each lane keeps a cursor, and space is reclaimed by periodic
-    range deletes below the backlog cursor (:meth:`Buffer.reclaim`).
+    range deletes below the backlog cursor (:mod:`gateway.reclaim`, which also says what becomes
+    of a key whose row was reclaimed).
 
 Order (see :mod:`gateway.lanes`)
     The live lane first (readings newer than ``live_window_ms`` by the wall clock, once an
     outage has left older ones unsent), then late readings, then the backlog in time order.
-
-A key whose row was reclaimed
-    After a reading is acknowledged and reclaimed, the buffer no longer knows its key: the same
-    (meter, ts) arriving again is stored as a late reading and sent again, with its new value.
-    Within the reclaim horizon it is quarantined as a conflicting duplicate. The cloud keys
-    readings by (meter, ts), so it sees both and keeps the first.
 """
 
 from __future__ import annotations
@@ -61,10 +57,12 @@ from gateway.budget import POLICIES, Budget
 from gateway.db import atomic, map_error, mapped
 from gateway.ids import Ids, MeterInfo
 from gateway.errors import BufferCorrupt, BufferError, BufferFull, DiskFull
+from gateway.eviction import make_room
 from gateway.lanes import BOTTOM, Claim, Key, Lane, Lanes
 from gateway.keyrange import after, between, upto
 from gateway.lock import BufferLock
 from gateway.rates import Rate
+from gateway.reclaim import reclaim_in_chunks
 from gateway.readings import Reading, Rejected, check, check_batch
 from gateway.schema import MIGRATIONS, migrate
 
@@ -109,10 +107,6 @@ def _columns(t: str = "") -> str:
 
 
 SELECT_ROWS = f"SELECT {_columns()} FROM readings"
-
-#: Acknowledged rows deleted by one reclaim transaction (about 50 pages of WAL).
-RECLAIM_CHUNK = 5_000
-
 
 class PutResult(NamedTuple):
     stored: int
@@ -312,7 +306,8 @@ class Buffer:
         """Everything in memory that a transaction may change (the rates too: a put retried on a
         full disk must not count its readings once per try)."""
         rates = [(r, r.events.copy(), r.total) for r in (self._rate, self._delivery_rate)]
-        return (self.lanes.copy(), dict(self.stats), self.ids.mark(), self._resend_count, (self._since_reclaim, self._reclaim_due),
+        return (self.lanes.copy(), dict(self.stats), self.ids.mark(), self._resend_count,
+                (self._since_reclaim, self._reclaim_due),
                 self.budget.state(), self._quarantine_bytes, rates)
 
     def _restore(self, saved: tuple) -> None:
@@ -368,13 +363,13 @@ class Buffer:
         saving = False
         with self._lock:
             if self._reclaim_due:  # acknowledged rows first, in transactions of their own
-                self._reclaim_in_chunks(chunks=20)
+                reclaim_in_chunks(self, chunks=20)
             try:
                 with self._atomic() as db:
                     rows, lo_ts = self._rows(readings, now_ms, quarantine)
                     evicted = refused = 0
                     if rows and self.budget.near(db, len(rows)):
-                        evicted, refused, rows = self._make_room(rows, can_wait)
+                        evicted, refused, rows = make_room(self, rows, can_wait)
                     if rows and self.scorer is not None:
                         rows, undo = self._score(rows)
                     before = db.total_changes
@@ -527,68 +522,6 @@ class Buffer:
             self.stats["quarantine_dropped"] += entries
             log.warning("%s: quarantine over its share of the budget: dropped its %d oldest entries",
                         self.path, entries)
-
-    def _make_room(self, rows: list[tuple], can_wait: bool) -> tuple[int, int, list[tuple]]:
-        """Apply the budget policy, inside put's transaction, when the budget is used up.
-
-        Returns (evicted, refused, rows to insert)."""
-        self._reclaim(max(RECLAIM_CHUNK, 2 * len(rows)))  # acknowledged rows go first
-        if not self.budget.over(self.db, len(rows)):
-            return 0, 0, rows
-        if self.policy == "reject_newest":
-            if self.budget.room(len(rows)) < self.budget.row_bytes * len(rows):  # not even in an empty buffer
-                raise BufferError(
-                    f"{self.path}: a batch of {len(rows)} readings is more than a budget of {self.budget_bytes} "
-                    f"bytes can ever hold; lower the source's batch_size or raise buffer.budget_mb"
-                )
-            if can_wait:
-                raise BufferFull(
-                    f"{self.path}: the buffer's budget of {self.budget_bytes} bytes is used "
-                    f"(policy reject_newest): the source waits until the forwarder has made room"
-                )
-            return 0, len(rows), []
-        # drop_oldest: evict as many unsent, unclaimed readings as are coming in, oldest first:
-        # the backlog below the live floor, then the live lane. Claims in flight finish.
-        lanes = self.lanes
-        evicted = self._evict(lanes.backlog, len(rows))
-        if evicted < len(rows) and lanes.live is not None:
-            evicted += self._evict(lanes.live, len(rows) - evicted)
-        return evicted, 0, rows
-
-    def _evict(self, lane: Lane, n: int) -> int:
-        """Evict up to ``n`` of ``lane``'s oldest unclaimed readings, going around the holes
-        (readings acknowledged already are never counted evicted)."""
-        gone = 0
-        while gone < n:
-            got = self._evict_range(lane, self.lanes.upper(lane), n - gone)
-            gone += got
-            if gone < n and self.lanes.next_hole(lane) is not None:
-                self._moved(lane, self.lanes.pass_hole(lane))  # nothing is left below the hole
-                continue
-            return gone
-        return gone
-
-    def _evict_range(self, lane: Lane, ceiling: Key | None, n: int) -> int:
-        sql, args = between(lane.frontier, ceiling)
-        last = self.db.execute(
-            f"SELECT ts, meter FROM readings WHERE {sql} ORDER BY ts, meter LIMIT 1 OFFSET ?", args + (n - 1,)
-        ).fetchone()
-        if last is None:  # fewer than n: take what there is
-            last = self.db.execute(
-                f"SELECT ts, meter FROM readings WHERE {sql} ORDER BY ts DESC, meter DESC LIMIT 1", args
-            ).fetchone()
-            if last is None:
-                return 0
-        usql, uargs = upto(tuple(last))
-        before = self.db.total_changes
-        self.db.execute(f"DELETE FROM readings WHERE {sql} AND {usql}", args + uargs)
-        gone = self.db.total_changes - before
-        if self._resend_count:  # late readings in the range go with it: nothing is left to send
-            before = self.db.total_changes
-            self.db.execute(f"DELETE FROM resend WHERE {sql} AND {usql}", args + uargs)
-            self._resend_count -= self.db.total_changes - before
-        self._moved(lane, self.lanes.settle_range(lane, tuple(last)))
-        return gone
 
     def _moved(self, lane: Lane, passed: list[Claim] | None) -> None:
         """After ``lane``'s cursor passed the claims ``passed`` (None: it did not move): what it passed
@@ -746,7 +679,7 @@ class Buffer:
             finally:
                 self.db.execute(f"PRAGMA synchronous={self.synchronous}")
             if self._reclaim_due:  # committed: reclaim what it passed, in bounded transactions
-                self._reclaim_in_chunks(chunks=20)
+                reclaim_in_chunks(self, chunks=20)
 
     def release_all(self) -> None:
         """Forget every claim in flight: after a publish failure, unacknowledged claims are
@@ -762,45 +695,11 @@ class Buffer:
 
     # ------------------------------------------------------------------ reclaim
 
-    def _reclaim(self, limit: int = RECLAIM_CHUNK) -> int:
-        """Delete up to ``limit`` of the oldest acknowledged rows, below the backlog cursor (one
-        range delete). Bounded, so that its transaction needs little WAL: on a full disk a delete
-        of a whole backlog could never commit, and nothing else could either."""
-        top = self.lanes.backlog.cursor
-        edge = self.db.execute(
-            f"SELECT ts, meter FROM readings WHERE {upto(top)[0]} ORDER BY ts, meter LIMIT 1 OFFSET ?",
-            upto(top)[1] + (limit - 1,)).fetchone()
-        done = edge is None  # fewer than limit left: this delete takes them all
-        sql, args = upto(top if done else tuple(edge))
-        if self._resend_count:
-            sql += " AND NOT EXISTS (SELECT 1 FROM resend s WHERE s.ts = readings.ts AND s.meter = readings.meter)"
-        before = self.db.total_changes
-        self.db.execute(f"DELETE FROM readings WHERE {sql}", args)
-        if done:
-            self._since_reclaim = 0
-            self._reclaim_due = False
-        return self.db.total_changes - before
-
-    def _reclaim_in_chunks(self, chunks: int = 1 << 30) -> int:
-        """Reclaim in bounded transactions of their own, up to ``chunks`` of them; a full disk stops
-        it (reclaim is tried again after the next acknowledgement)."""
-        n = 0
-        for _ in range(chunks):
-            try:
-                with self._atomic():
-                    got = self._reclaim()
-            except DiskFull:
-                return n
-            n += got
-            if not self._reclaim_due:
-                break
-        return n
-
     def reclaim(self) -> int:
         """Reclaim space now; returns the number of rows deleted."""
         with self._lock:
             self._reclaim_due = True
-            return self._reclaim_in_chunks()
+            return reclaim_in_chunks(self)
 
     # ------------------------------------------------------------------ the quarantine
 
