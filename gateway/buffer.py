@@ -386,7 +386,7 @@ class Buffer:
                         duplicates = len(rows) - stored - len(conflicts)
                     if rows:
                         self._note_late(rows, lo_ts, conflicts)
-                    self._quarantine(db, quarantine)
+                    q.store(self, db, quarantine)
                     if source is not None:
                         db.execute("UPDATE sources SET position = ? WHERE id = ?",
                                    (json.dumps(position), self.ids.source_id(db, source)))
@@ -509,19 +509,6 @@ class Buffer:
             before = self.db.total_changes
             self.db.executemany("INSERT OR IGNORE INTO resend VALUES(?, ?)", late)
             self._resend_count += self.db.total_changes - before
-
-    # ------------------------------------------------------------------ budget
-
-    def _quarantine(self, db: sqlite3.Connection, rows: list[tuple]) -> None:
-        """Add quarantine rows; keep the quarantine within its share of the budget (an eighth)."""
-        self._quarantine_bytes += q.add(db, rows)
-        share = self.budget.limit // 8 if self.budget_bytes else 0
-        if share and self._quarantine_bytes > share:
-            entries, gone = q.trim(db, self._quarantine_bytes - share // 2)
-            self._quarantine_bytes -= gone
-            self.stats["quarantine_dropped"] += entries
-            log.warning("%s: quarantine over its share of the budget: dropped its %d oldest entries",
-                        self.path, entries)
 
     def _moved(self, lane: Lane, passed: list[Claim] | None) -> None:
         """After ``lane``'s cursor passed the claims ``passed`` (None: it did not move): what it passed
@@ -709,39 +696,11 @@ class Buffer:
 
     def quarantine_message(self, reason: str, payload: bytes, topic: str, readings: int) -> None:
         """Record a message that can never be delivered (the forwarder's dead letters)."""
-        with self._lock, self._atomic() as db:
-            self.stats["undeliverable"] += 1
-            self._quarantine(db, [(int(self.clock() * 1000), "message", reason, payload.decode("utf-8", "replace"),
-                                   f"forwarder ({readings} readings)", topic)])
-            self._set_state("stats", self.stats)
+        q.store_message(self, reason, payload, topic, readings)
 
     def replay_quarantine(self, ids: Iterable[int] | None = None, kind: str | None = None) -> dict:
-        """Re-queue quarantined entries that now pass (all, or ``ids``, or one ``kind``): their
-        readings are stored again and the entries removed, in one transaction per entry. What
-        still fails stays. Returns counts: requeued entries and readings, kept entries."""
-        wanted = set(ids) if ids is not None else None
-        out = {"entries": 0, "readings": 0, "kept": 0, "reasons": {}}
-        with self._lock:
-            for entry in self.quarantined(limit=1 << 62, kind=kind):
-                if wanted is not None and entry["id"] not in wanted:
-                    continue
-                parsed = q.parse(entry, int(self.clock() * 1000))
-                if parsed.problem is not None:
-                    out["kept"] += 1
-                    out["reasons"][entry["id"]] = parsed.problem
-                    continue
-                with self._atomic() as db:
-                    db.execute("DELETE FROM quarantine WHERE id = ?", (entry["id"],))
-                    self._quarantine_bytes -= q.entry_bytes(tuple(entry[k] for k in q.COLUMNS[1:]))
-                    if entry["kind"] == "message":
-                        self.stats["undeliverable"] -= 1
-                    else:
-                        self.stats["quarantined"] -= 1
-                    self.stats["requeued"] += len(parsed.readings)
-                    self.put(parsed.readings)
-                out["entries"] += 1
-                out["readings"] += len(parsed.readings)
-        return out
+        """Re-queue quarantined entries that now pass (:func:`gateway.quarantine.replay`)."""
+        return q.replay(self, ids, kind)
 
     # ------------------------------------------------------------------ reading back
 

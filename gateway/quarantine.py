@@ -14,16 +14,26 @@ Nothing here is a dead end. :func:`replay` re-queues what now passes, after its 
 a message's readings go back into the buffer to be sent again, and a reading whose raw input
 parses as a reading and now passes the checks is stored. What still fails stays, with its
 (possibly new) reason.
+
+The functions at the end are the buffer's side (:meth:`Buffer.quarantine_message`,
+:meth:`Buffer.replay_quarantine`, and put's quarantined readings): they work inside the buffer's
+transactions, so an entry and the counters that count it commit together.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import logging
 import sqlite3
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
 
 from gateway.readings import METER_CODE, Reading, check
+
+if TYPE_CHECKING:
+    from gateway.buffer import Buffer
+
+log = logging.getLogger("gateway.buffer")  # its warnings are the buffer's, as they were
 
 COLUMNS = ("id", "at", "kind", "reason", "raw", "source", "location")
 INSERT = "INSERT INTO quarantine(at, kind, reason, raw, source, location) VALUES(?,?,?,?,?,?)"
@@ -147,3 +157,56 @@ def _reading_of(raw: str) -> Reading | None:
     if not all(isinstance(x, str) for x in (site, building, meter)) or meter not in METER_CODE:
         return None
     return Reading(site, building, meter, ts, v, REPLAY_SOURCE)
+
+
+# ---------------------------------------------------------------- the buffer's side
+
+def store(buf: Buffer, db: sqlite3.Connection, rows: list[tuple]) -> None:
+    """Add quarantine rows inside the buffer's transaction; keep the quarantine within its share
+    of the budget (an eighth), dropping its oldest entries past that."""
+    buf._quarantine_bytes += add(db, rows)
+    share = buf.budget.limit // 8 if buf.budget_bytes else 0
+    if share and buf._quarantine_bytes > share:
+        entries, gone = trim(db, buf._quarantine_bytes - share // 2)
+        buf._quarantine_bytes -= gone
+        buf.stats["quarantine_dropped"] += entries
+        log.warning("%s: quarantine over its share of the budget: dropped its %d oldest entries",
+                    buf.path, entries)
+
+
+def store_message(buf: Buffer, reason: str, payload: bytes, topic: str, readings: int) -> None:
+    """Record a message that can never be delivered (the forwarder's dead letters)."""
+    with buf._lock, buf._atomic() as db:
+        buf.stats["undeliverable"] += 1
+        store(buf, db, [(int(buf.clock() * 1000), "message", reason, payload.decode("utf-8", "replace"),
+                         f"forwarder ({readings} readings)", topic)])
+        buf._set_state("stats", buf.stats)
+
+
+def replay(buf: Buffer, ids: Iterable[int] | None = None, kind: str | None = None) -> dict:
+    """Re-queue quarantined entries that now pass (all, or ``ids``, or one ``kind``): their
+    readings are stored again and the entries removed, in one transaction per entry. What
+    still fails stays. Returns counts: requeued entries and readings, kept entries."""
+    wanted = set(ids) if ids is not None else None
+    out = {"entries": 0, "readings": 0, "kept": 0, "reasons": {}}
+    with buf._lock:
+        for entry in buf.quarantined(limit=1 << 62, kind=kind):
+            if wanted is not None and entry["id"] not in wanted:
+                continue
+            parsed = parse(entry, int(buf.clock() * 1000))
+            if parsed.problem is not None:
+                out["kept"] += 1
+                out["reasons"][entry["id"]] = parsed.problem
+                continue
+            with buf._atomic() as db:
+                db.execute("DELETE FROM quarantine WHERE id = ?", (entry["id"],))
+                buf._quarantine_bytes -= entry_bytes(tuple(entry[k] for k in COLUMNS[1:]))
+                if entry["kind"] == "message":
+                    buf.stats["undeliverable"] -= 1
+                else:
+                    buf.stats["quarantined"] -= 1
+                buf.stats["requeued"] += len(parsed.readings)
+                buf.put(parsed.readings)
+            out["entries"] += 1
+            out["readings"] += len(parsed.readings)
+    return out
