@@ -16,7 +16,8 @@ The concepts around it have their own files: :mod:`gateway.lanes` (cursors, live
 :mod:`gateway.budget` (the byte budget and its policies), :mod:`gateway.eviction` (what the
 policies do when it is used up), :mod:`gateway.reclaim`, :mod:`gateway.quarantine`,
 :mod:`gateway.ids` (meter, source and model ids), :mod:`gateway.keyrange` (SQL for key ranges),
-:mod:`gateway.schema` (migrations) and :mod:`gateway.db` (``atomic()``, sqlite3 error mapping).
+:mod:`gateway.status` (counters, depth, rates, autonomy), :mod:`gateway.schema` (migrations)
+and :mod:`gateway.db` (``atomic()``, sqlite3 error mapping).
 
 Storage
     ``readings(ts, meter, value, source, expected, score, flag, model) PRIMARY KEY(ts, meter)
@@ -53,38 +54,25 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol
 
 from gateway import quarantine as q
+from gateway import status as report
 from gateway.budget import POLICIES, Budget
 from gateway.db import atomic, map_error, mapped
-from gateway.ids import Ids, MeterInfo
 from gateway.errors import BufferCorrupt, BufferError, BufferFull, DiskFull
 from gateway.eviction import make_room
-from gateway.lanes import BOTTOM, Claim, Key, Lane, Lanes
+from gateway.ids import Ids, MeterInfo
 from gateway.keyrange import after, between, upto
+from gateway.lanes import BOTTOM, Claim, Key, Lane, Lanes
 from gateway.lock import BufferLock
 from gateway.rates import Rate
-from gateway.reclaim import reclaim_in_chunks
 from gateway.readings import Reading, Rejected, check, check_batch
+from gateway.reclaim import reclaim_in_chunks
 from gateway.schema import MIGRATIONS, migrate
+from gateway.status import STAT_KEYS
 
 __all__ = ["Buffer", "Claim", "MIGRATIONS", "POLICIES", "PutResult", "MeterInfo", "STAT_KEYS"]
 
 log = logging.getLogger(__name__)
 
-
-# Counters, saved in the same transaction as the rows they count (put, ack, quarantine).
-STAT_KEYS = (
-    "received",          # readings offered to put()
-    "stored",            # new readings written
-    "duplicates",        # same (meter, ts) and same value: already stored, ignored
-    "quarantined",       # readings quarantined (invalid, conflicting duplicate)
-    "evicted_oldest",    # unsent readings dropped by the drop_oldest policy
-    "rejected_newest",   # incoming readings dropped by the reject_newest policy (a source that cannot wait)
-    "delivered",         # readings acknowledged by the cloud
-    "undeliverable",     # messages quarantined by the forwarder
-    "unscored",          # readings stored without scores (no metadata, scoring failed)
-    "requeued",          # readings re-queued from the quarantine
-    "quarantine_dropped",  # oldest quarantine entries dropped to keep the quarantine in its share
-)
 
 # Scores are stored as integers of their rounding unit (expected in 1e-4 kWh, score in 1e-3):
 # 3-4 bytes instead of 8 on disk, and the same floats back. A value too large for that stays REAL.
@@ -714,68 +702,15 @@ class Buffer:
 
     def pending(self) -> int:
         """Readings stored and not yet acknowledged."""
-        with self._lock, mapped(self.path):
-            lanes = self.lanes
-            sql, args = after(lanes.backlog.cursor)
-            if self._resend_count:
-                sql += " AND NOT EXISTS (SELECT 1 FROM resend s WHERE s.ts = readings.ts AND s.meter = readings.meter)"
-            n = self.db.execute(f"SELECT count(*) FROM readings WHERE {sql}", args).fetchone()[0]
-            if lanes.live is not None:
-                lsql, largs = between(lanes.floor, lanes.live.cursor)
-                if self._resend_count:
-                    lsql += (" AND NOT EXISTS (SELECT 1 FROM resend s WHERE s.ts = readings.ts"
-                             " AND s.meter = readings.meter)")
-                n -= self.db.execute(f"SELECT count(*) FROM readings WHERE {lsql}", largs).fetchone()[0]
-            for lane in (lanes.backlog, lanes.live):  # acknowledged ahead of the cursors
-                n -= sum(len(c) for c in lane.inflight if c.done and not c.evicted) if lane is not None else 0
-            return n + self._resend_count
+        return report.pending(self)
 
     def oldest_pending_ts(self) -> int | None:
-        with self._lock, mapped(self.path):
-            sql, args = after(self.lanes.backlog.cursor)
-            row = self.db.execute(
-                f"SELECT ts FROM readings WHERE {sql} ORDER BY ts, meter LIMIT 1", args
-            ).fetchone()
-            if self._resend_count:
-                r2 = self.db.execute("SELECT min(ts) FROM resend").fetchone()
-                if r2 and r2[0] is not None and (row is None or r2[0] < row[0]):
-                    return r2[0]
-            return row[0] if row else None
+        return report.oldest_pending_ts(self)
 
     def status(self) -> dict:
-        """Depth, oldest unsent age, rates, evictions and hours of autonomy left."""
-        with self._lock, mapped(self.path):
-            used = self.budget.used(self.db)
-            pending = self.pending()
-            oldest = self.oldest_pending_ts()
-            now_ms = int(self.clock() * 1000)
-            rate_h = self.stats.get("ingest_per_h") or 0.0
-            if now_ms - (self.stats.get("stored_at") or 0) > self._rate.window_ms:
-                rate_h = 0.0  # nothing stored for a while: no current rate to project
-            stored_rows = self.db.execute("SELECT count(*) FROM readings").fetchone()[0]
-            bytes_per_reading = used / stored_rows if stored_rows else 40.0
-            free = max(self.budget.limit - used, 0)
-            autonomy = (free / (rate_h * bytes_per_reading)) if rate_h > 0 else None
-            return {
-                "path": str(self.path),
-                "pending": pending,
-                "oldest_pending_ts": oldest,
-                "oldest_pending_age_s": (now_ms - oldest) / 1000 if oldest else None,
-                "used_bytes": used,
-                "budget_bytes": self.budget_bytes,
-                "limit_bytes": self.budget.limit,  # the budget less the WAL's share and the reserve
-                "policy": self.policy,
-                "disk_full": self.budget.disk_cap is not None,
-                "bytes_per_reading": round(bytes_per_reading, 1),
-                "ingest_per_h": rate_h,
-                "delivered_per_h": self.stats.get("delivered_per_h") or 0.0,
-                "autonomy_hours": autonomy,
-                "live_lane": self.lanes.live is not None,
-                "resend": self._resend_count,
-                "quarantine": self.db.execute("SELECT count(*) FROM quarantine").fetchone()[0],
-                "health": self._state("health"),
-                **{k: self.stats.get(k, 0) for k in STAT_KEYS},
-            }
+        """Depth, oldest unsent age, rates, evictions and hours of autonomy left
+        (:mod:`gateway.status`)."""
+        return report.status(self)
 
     def save_health(self, health: dict) -> None:
         """Record the gateway's stage health (``gateway status`` shows it beside the buffer's)."""
