@@ -16,7 +16,8 @@ The concepts around it have their own files: :mod:`gateway.lanes` (cursors, live
 :mod:`gateway.budget` (the byte budget and its policies), :mod:`gateway.eviction` (what the
 policies do when it is used up), :mod:`gateway.reclaim`, :mod:`gateway.quarantine`,
 :mod:`gateway.ids` (meter, source and model ids), :mod:`gateway.keyrange` (SQL for key ranges),
-:mod:`gateway.status` (counters, depth, rates, autonomy), :mod:`gateway.schema` (migrations)
+:mod:`gateway.status` (counters, depth, rates, autonomy), :mod:`gateway.scores` (scoring at
+ingest), :mod:`gateway.schema` (migrations)
 and :mod:`gateway.db` (``atomic()``, sqlite3 error mapping).
 
 Storage
@@ -24,12 +25,9 @@ Storage
     WITHOUT ROWID``: a time-first key, so inserts append to the right edge of one B-tree. The
     same key rejects a (meter, ts) that arrives twice with a different value (quarantined).
 
-Scoring at ingest
-    With a scorer, each batch is scored inside put, in the order it arrives (data time per
-    meter for every source the gateway has), and the result is stored beside the reading. A
-    reading's expected value, score and flag depend only on the readings of its meter stored
-    before it, never on the order or the number of times it is sent: a message sent again carries
-    the same bytes and batch id. A scoring failure stores the reading unscored (raw only).
+Scoring at ingest (see :mod:`gateway.scores`)
+    With a scorer, each batch is scored inside put and the result is stored beside the reading;
+    a scoring failure stores the reading unscored (raw only).
 
 Sending by cursor
     Acknowledging does not delete: each lane keeps a cursor, and space is reclaimed by periodic
@@ -51,7 +49,7 @@ import time
 from contextlib import contextmanager
 from itertools import repeat
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from gateway import quarantine as q
 from gateway import status as report
@@ -67,34 +65,15 @@ from gateway.rates import Rate
 from gateway.readings import Reading, Rejected, check, check_batch
 from gateway.reclaim import reclaim_in_chunks
 from gateway.schema import MIGRATIONS, migrate
+from gateway.scores import IngestScorer, columns, score
 from gateway.status import STAT_KEYS
 
 __all__ = ["Buffer", "Claim", "MIGRATIONS", "POLICIES", "PutResult", "MeterInfo", "STAT_KEYS"]
 
 log = logging.getLogger(__name__)
 
+SELECT_ROWS = f"SELECT {columns()} FROM readings"
 
-# Scores are stored as integers of their rounding unit (expected in 1e-4 kWh, score in 1e-3):
-# 3-4 bytes instead of 8 on disk, and the same floats back. A value too large for that stays REAL.
-EXPECTED_UNIT, SCORE_UNIT = 10_000, 1_000
-_FIXED_MAX = 1 << 53
-
-
-def _fixed(x: float | None, unit: int) -> float | int | None:
-    if x is None or not -_FIXED_MAX < x * unit < _FIXED_MAX:  # (inf compares False)
-        return x
-    return round(x * unit)
-
-
-def _columns(t: str = "") -> str:
-    """The claim's columns, scores decoded back to floats (``t``: a table alias and dot)."""
-    def dec(col: str, unit: int) -> str:
-        return f"CASE WHEN typeof({t}{col}) = 'integer' THEN {t}{col} / {unit}.0 ELSE {t}{col} END"
-    return (f"{t}ts, {t}meter, {t}value, {dec('expected', EXPECTED_UNIT)}, {dec('score', SCORE_UNIT)},"
-            f" {t}flag, {t}model")
-
-
-SELECT_ROWS = f"SELECT {_columns()} FROM readings"
 
 class PutResult(NamedTuple):
     stored: int
@@ -102,25 +81,6 @@ class PutResult(NamedTuple):
     quarantined: int
     evicted: int
     refused: int
-
-
-class IngestScorer(Protocol):
-    """What the buffer needs of a scorer (:class:`gateway.model.scoring.ReadingScorer`)."""
-
-    def score(self, rows: list[tuple], meters: dict) -> tuple[str, list[tuple | None], Callable[[], None]]:
-        """For rows starting (ts, meter id, value): the model version, (expected, score, flag)
-        or None per row, and an undo that forgets what the call learned (its put rolled back)."""
-        ...
-
-    def save_due(self) -> bool: ...
-
-    def save(self, db: sqlite3.Connection) -> None:
-        """Write what changed of the learned state, inside the caller's transaction."""
-        ...
-
-    def saved(self) -> None:
-        """The transaction of the last :meth:`save` committed."""
-        ...
 
 
 class Buffer:
@@ -359,7 +319,7 @@ class Buffer:
                     if rows and self.budget.near(db, len(rows)):
                         evicted, refused, rows = make_room(self, rows, can_wait)
                     if rows and self.scorer is not None:
-                        rows, undo = self._score(rows)
+                        rows, undo = score(self, rows)
                     before = db.total_changes
                     if rows and len(rows[0]) > 4:
                         db.executemany("INSERT INTO readings VALUES(?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -427,29 +387,6 @@ class Buffer:
         if None in mids:
             return None
         return list(zip(ts, mids, values, repeat(self.ids.source_id(self.db, src)))), min(ts)
-
-    def _score(self, rows: list[tuple]) -> tuple[list[tuple], Callable[[], None] | None]:
-        """Rows with their scores (expected, score, flag, model id), or NULLs where a reading
-        cannot be scored. A scoring failure never stops a put: the readings go unscored."""
-        try:
-            version, scores, undo = self.scorer.score(rows, self.meters)
-        except Exception as exc:  # scoring never stops ingest: the raw readings are stored
-            reason = f"{type(exc).__name__}: {exc}"
-            if reason != self.scoring_error:
-                log.error("scoring failed, storing readings unscored: %s", reason)
-            self.scoring_error = reason
-            self.stats["unscored"] += len(rows)
-            return rows, None
-        self.scoring_error = None
-        model = self.ids.model_id(self.db, version)
-        out, none = [], (None, None, None, None)
-        for row, s in zip(rows, scores):
-            if s is None:
-                out.append(row + none)
-            else:
-                out.append(row + (_fixed(s[0], EXPECTED_UNIT), _fixed(s[1], SCORE_UNIT), s[2], model))
-        self.stats["unscored"] += sum(1 for s in scores if s is None)
-        return out, undo
 
     def _quarantine_conflicts(self, rows: list[tuple], now_ms: int, quarantine: list) -> set[Key]:
         """After an insert that skipped rows, quarantine those whose value differs from the stored
@@ -566,7 +503,7 @@ class Buffer:
         lanes = self.lanes
         sql, args = after(lanes.resend_frontier, "s.")
         rows = self.db.execute(
-            f"SELECT {_columns('r.')} FROM resend s JOIN readings r USING(ts, meter)"
+            f"SELECT {columns('r.')} FROM resend s JOIN readings r USING(ts, meter)"
             f" WHERE {sql} ORDER BY s.ts, s.meter LIMIT ?",
             args + (limit,),
         ).fetchall()
