@@ -13,12 +13,12 @@ Contract: :meth:`Buffer.put` / :meth:`Buffer.claim` a batch / :meth:`Buffer.ack`
 - ``ack`` marks a claim delivered. Nothing is removed before it is acknowledged.
 
 The concepts around it have their own files: :mod:`gateway.lanes` (cursors, live lane, order),
-:mod:`gateway.budget` (the byte budget and its policies), :mod:`gateway.eviction` (what the
-policies do when it is used up), :mod:`gateway.reclaim`, :mod:`gateway.quarantine`,
-:mod:`gateway.ids` (meter, source and model ids), :mod:`gateway.keyrange` (SQL for key ranges),
-:mod:`gateway.status` (counters, depth, rates, autonomy), :mod:`gateway.scores` (scoring at
-ingest), :mod:`gateway.schema` (migrations)
-and :mod:`gateway.db` (``atomic()``, sqlite3 error mapping).
+:mod:`gateway.claims` (what goes next), :mod:`gateway.budget` (the byte budget and its policies),
+:mod:`gateway.eviction` (what the policies do when it is used up), :mod:`gateway.reclaim`,
+:mod:`gateway.quarantine`, :mod:`gateway.ids` (meter, source and model ids),
+:mod:`gateway.keyrange` (SQL for key ranges), :mod:`gateway.status` (counters, depth, rates,
+autonomy), :mod:`gateway.scores` (scoring at ingest), :mod:`gateway.schema` (migrations) and
+:mod:`gateway.db` (``atomic()``, sqlite3 error mapping).
 
 Storage
     ``readings(ts, meter, value, source, expected, score, flag, model) PRIMARY KEY(ts, meter)
@@ -34,9 +34,8 @@ Sending by cursor
     range deletes below the backlog cursor (:mod:`gateway.reclaim`, which also says what becomes
     of a key whose row was reclaimed).
 
-Order (see :mod:`gateway.lanes`)
-    The live lane first (readings newer than ``live_window_ms`` by the wall clock, once an
-    outage has left older ones unsent), then late readings, then the backlog in time order.
+Order (see :mod:`gateway.claims` and :mod:`gateway.lanes`)
+    The live lane first, then late readings, then the backlog in time order.
 """
 
 from __future__ import annotations
@@ -54,25 +53,24 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 from gateway import quarantine as q
 from gateway import status as report
 from gateway.budget import POLICIES, Budget
+from gateway.claims import maybe_merge, next_claim
 from gateway.db import atomic, map_error, mapped
 from gateway.errors import BufferCorrupt, BufferError, BufferFull, DiskFull
 from gateway.eviction import make_room
 from gateway.ids import Ids, MeterInfo
-from gateway.keyrange import after, between, upto
+from gateway.keyrange import after, upto
 from gateway.lanes import BOTTOM, Claim, Key, Lane, Lanes
 from gateway.lock import BufferLock
 from gateway.rates import Rate
 from gateway.readings import Reading, Rejected, check, check_batch
 from gateway.reclaim import reclaim_in_chunks
 from gateway.schema import MIGRATIONS, migrate
-from gateway.scores import IngestScorer, columns, score
+from gateway.scores import IngestScorer, score
 from gateway.status import STAT_KEYS
 
 __all__ = ["Buffer", "Claim", "MIGRATIONS", "POLICIES", "PutResult", "MeterInfo", "STAT_KEYS"]
 
 log = logging.getLogger(__name__)
-
-SELECT_ROWS = f"SELECT {columns()} FROM readings"
 
 
 class PutResult(NamedTuple):
@@ -451,101 +449,12 @@ class Buffer:
     # ------------------------------------------------------------------ claim / ack
 
     def claim(self, limit: int = 1000) -> Claim | None:
-        """The next batch of unsent readings, or None when there is nothing to send.
+        """The next batch of unsent readings, or None when there is nothing to send
+        (:func:`gateway.claims.next_claim`, which says in which order).
 
-        Order: the live lane, then late readings (``resend``), then the backlog in time order;
-        without a live lane, live readings at the head of the backlog go ahead of late ones.
         Rows are (ts, meter id, value, expected, score, flag, model id); the scores are None for
         a reading stored unscored."""
-        with self._lock, mapped(self.path):
-            lanes = self.lanes
-            self._maybe_open_live()
-            if lanes.live is not None:
-                c = self._claim_lane(lanes.live, limit)
-                if c is not None:
-                    return c
-            if self._resend_count > len(lanes.resend_inflight):
-                if lanes.live is None and self._next_is_live():
-                    c = self._claim_lane(lanes.backlog, limit)  # live readings before a backfill's
-                    if c is not None:
-                        return c
-                c = self._claim_resend(limit)
-                if c is not None:
-                    return c
-            c = self._claim_lane(lanes.backlog, limit)
-            if c is None and lanes.live is not None:
-                self._maybe_merge()
-            return c
-
-    def _next_is_live(self) -> bool:
-        """Whether the backlog's next unsent reading is live by the wall clock."""
-        sql, args = after(self.lanes.backlog.frontier)
-        nxt = self.db.execute(f"SELECT ts FROM readings WHERE {sql} ORDER BY ts, meter LIMIT 1", args).fetchone()
-        return nxt is not None and nxt[0] > int(self.clock() * 1000) - self.live_window_ms
-
-    def _claim_lane(self, lane: Lane, limit: int) -> Claim | None:
-        """The next rows of ``lane``, going around the holes (claims acknowledged ahead of one that
-        was handed back: their readings are delivered, and are not sent again)."""
-        lanes = self.lanes
-        while True:
-            sql, args = between(lane.frontier, lanes.upper(lane))
-            rows = self.db.execute(f"{SELECT_ROWS} WHERE {sql} ORDER BY ts, meter LIMIT ?",
-                                   args + (limit,)).fetchall()
-            c = lanes.take(lane, rows) if rows else None
-            if len(rows) == limit or lanes.next_hole(lane) is None:
-                return c
-            with self._atomic():  # everything below the hole is claimed: step over it
-                self._moved(lane, lanes.pass_hole(lane))
-            if c is not None:
-                return c
-
-    def _claim_resend(self, limit: int) -> Claim | None:
-        lanes = self.lanes
-        sql, args = after(lanes.resend_frontier, "s.")
-        rows = self.db.execute(
-            f"SELECT {columns('r.')} FROM resend s JOIN readings r USING(ts, meter)"
-            f" WHERE {sql} ORDER BY s.ts, s.meter LIMIT ?",
-            args + (limit,),
-        ).fetchall()
-        rows = [r for r in rows if (r[0], r[1]) not in lanes.resend_inflight]
-        if not rows:
-            if lanes.resend_frontier == BOTTOM:
-                return None
-            lanes.resend_frontier = BOTTOM  # late readings may have arrived below where it walked
-            return self._claim_resend(limit)
-        return lanes.take_resend(rows)
-
-    def _maybe_open_live(self) -> None:
-        """Open a live lane when readings are live by the wall clock and older ones wait unsent."""
-        lanes = self.lanes
-        if lanes.live is not None:
-            return
-        floor = lanes.live_floor(int(self.clock() * 1000), self.live_window_ms)
-        if floor <= lanes.top_frontier:
-            return
-        nxt = self.db.execute(
-            f"SELECT ts FROM readings WHERE {after(lanes.backlog.frontier)[0]} ORDER BY ts, meter LIMIT 1",
-            after(lanes.backlog.frontier)[1],
-        ).fetchone()
-        if nxt is None or nxt[0] > floor[0]:
-            return  # nothing older than the window waits: time order is live order
-        if self.db.execute("SELECT 1 FROM readings WHERE ts > ? LIMIT 1", (floor[0],)).fetchone() is None:
-            return  # nothing is live by the clock (a backfill of old data): keep time order
-        with self._atomic():
-            lanes.open_live(floor)
-            self._persist_lanes()
-
-    def _maybe_merge(self) -> None:
-        """Close the live lane once the backlog below its floor is all acknowledged."""
-        lanes = self.lanes
-        if lanes.live is None or lanes.backlog.inflight:
-            return
-        sql, args = between(lanes.backlog.frontier, lanes.floor)
-        if self.db.execute(f"SELECT 1 FROM readings WHERE {sql} LIMIT 1", args).fetchone() is not None:
-            return
-        with self._atomic():
-            lanes.merge()
-            self._persist_lanes()
+        return next_claim(self, limit)
 
     def ack(self, *claims: Claim) -> None:
         """Mark ``claims`` delivered, in one transaction. Cursors advance over acknowledged
@@ -582,7 +491,7 @@ class Buffer:
                         self._moved(lane, self.lanes.advance(lane))
                     self._persist_lanes()  # a claim acknowledged ahead of the cursor is kept too
                     if self.lanes.live is not None and not self.lanes.backlog.inflight:
-                        self._maybe_merge()
+                        maybe_merge(self)
                     self._set_state("stats", self.stats)
             except BaseException:
                 for claim in claims:
