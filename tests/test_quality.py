@@ -80,3 +80,18 @@ def test_an_unknown_recipe_is_named(result):
 def test_quality_needs_one_source():
     out = CliRunner().invoke(main, ["model", "quality"])
     assert out.exit_code == 2 and "give one of --data (an ASHRAE CSV) or --from (the analytics store)" in out.output
+
+
+def test_thresholds_scan_the_flag_for_choosing_model_threshold():
+    out = CliRunner().invoke(main, [*ARGS, "--recipe", "working", "--thresholds", "3.5,5.5", "--json"])
+    assert out.exit_code == 0, out.output
+    anomaly = json.loads(out.output)["recipes"]["working"]["anomaly"]
+    scan = anomaly["by_threshold"]
+    assert list(scan) == ["3.5", "5.5"]
+    assert scan["5.5"] == {k: anomaly[k] for k in scan["5.5"]}  # 5.5 is the default threshold
+    assert scan["3.5"]["flag_rate_clean"] >= scan["5.5"]["flag_rate_clean"]
+    assert scan["3.5"]["recall"] >= scan["5.5"]["recall"]
+    text = CliRunner().invoke(main, [*ARGS, "--recipe", "working", "--thresholds", "3.5,5.5"]).output
+    assert "anomaly flag at other thresholds: F1 / share of real readings flagged" in text
+    bad = CliRunner().invoke(main, [*ARGS, "--thresholds", "3.5,high"])
+    assert bad.exit_code == 2 and "'3.5,high' is not a comma-separated list of numbers" in bad.output

@@ -99,9 +99,10 @@ def evaluate(model_dir: str | Path, table, X: np.ndarray, ly: np.ndarray, holdou
 
 
 def judge(pred: np.ndarray, table, ly: np.ndarray, rows: np.ndarray, scored: np.ndarray,
-          anomaly_rate: float = 0.02, seed: int = 0) -> dict:
+          anomaly_rate: float = 0.02, seed: int = 0, thresholds=()) -> dict:
     """The figures of predictions ``pred`` (log1p, for ``rows`` in time order) on the ``scored`` ones:
-    the earlier rows only warm up the per-meter online learning."""
+    the earlier rows only warm up the per-meter online learning. ``thresholds``: also the flag's
+    figures at each of these (``anomaly.by_threshold``), to choose ``model.threshold``."""
     from sklearn.metrics import roc_auc_score
 
     from gateway.model.evaluate import flag_quality, inject_anomalies, rmsle, run_online
@@ -114,12 +115,15 @@ def judge(pred: np.ndarray, table, ly: np.ndarray, rows: np.ndarray, scored: np.
     _, score = run_online(keys, pred, np.log1p(injected))
     truth = is_anomaly[scored]
     both = truth.any() and not truth.all()
+    anomaly = {"auc": float(roc_auc_score(truth, score[scored])) if both else None,
+               **flag_quality(score[scored], truth, MeterStats().threshold)}
+    if thresholds:
+        anomaly["by_threshold"] = {f"{t:g}": flag_quality(score[scored], truth, float(t)) for t in thresholds}
     return {
         "readings": int(scored.sum()),
         "rmsle_model": rmsle(pred[scored], actual[scored], meter[scored]),
         "rmsle_online": rmsle(expected[scored], actual[scored], meter[scored]),
-        "anomaly": {"auc": float(roc_auc_score(truth, score[scored])) if both else None,
-                    **flag_quality(score[scored], truth, MeterStats().threshold)},
+        "anomaly": anomaly,
     }
 
 

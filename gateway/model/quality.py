@@ -53,8 +53,10 @@ RECIPES: dict[str, dict[str, bool]] = {
 
 
 def measure(table, X: np.ndarray, ly: np.ndarray, recipes=tuple(RECIPES), *, holdout_buildings: float = 0.25,
-            holdout_days: float = 30.0, seed: int = 0, rounds: int | None = None, threads: int = 0) -> dict:
-    """Train each recipe on the holdout's training rows and judge it on the held-out ones."""
+            holdout_days: float = 30.0, seed: int = 0, rounds: int | None = None, threads: int = 0,
+            thresholds=()) -> dict:
+    """Train each recipe on the holdout's training rows and judge it on the held-out ones (the
+    flag also at each of ``thresholds``)."""
     from gateway.model import champion as ch
     from gateway.model.features import FEATURE_INDEX
     from gateway.model.train import DEFAULT_PARAMS, DEFAULT_ROUNDS, fit_predictor, known_bad_zeros, predict_log
@@ -73,7 +75,8 @@ def measure(table, X: np.ndarray, ly: np.ndarray, recipes=tuple(RECIPES), *, hol
         booster, classifier = fit_predictor(X, ly, train_rows, fill, DEFAULT_PARAMS, rounds or DEFAULT_ROUNDS,
                                             threads, recipe["zero_state"])
         pred = predict_log(booster, classifier, X[rows], fill)
-        out["recipes"][name] = {**ch.judge(pred, table, ly, rows, scored), "trained_on": int(len(train_rows))}
+        out["recipes"][name] = {**ch.judge(pred, table, ly, rows, scored, thresholds=thresholds),
+                                "trained_on": int(len(train_rows))}
         log.info("%s: %s", name, figures(out["recipes"][name]))
     return out
 
@@ -104,6 +107,15 @@ def render(result: dict) -> list[str]:
             text = "-" if value is None else f"{value:.3f} {'met' if met(key, value) else 'MISS'}"
             cells.append(f"{text:>16}")
         lines.append(f"{name:<16}" + "".join(cells))
+    scans = {name: ev["anomaly"]["by_threshold"] for name, ev in result["recipes"].items()
+             if ev["anomaly"].get("by_threshold")}
+    if scans:
+        thresholds = list(next(iter(scans.values())))
+        lines += ["anomaly flag at other thresholds: F1 / share of real readings flagged",
+                  "threshold       " + "".join(f"{t:>16}" for t in thresholds)]
+        for name, scan in scans.items():
+            lines.append(f"{name:<16}" + "".join(f"{scan[t]['f1']:.3f} / {scan[t]['flag_rate_clean']:.2%}".rjust(16)
+                                                 for t in thresholds))
     return lines
 
 
@@ -139,16 +151,23 @@ def _command():
     @click.option("--holdout-buildings", default=0.25, show_default=True, help="Share of buildings held out.")
     @click.option("--seed", default=0, show_default=True, help="Which buildings are held out; the injection.")
     @click.option("--rounds", default=None, type=int, help="LightGBM rounds (default: training's).")
+    @click.option("--thresholds", default="", metavar="T1,T2,...",
+                  help="Also the anomaly flag's F1 and flag rate at each of these thresholds.")
     @click.option("--into", "into", type=click.Path(exists=True, file_okay=False), default=None,
                   help="Record the result in MODEL_DIR's manifest.json and regenerate its CARD.md.")
     @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
     def quality_command(data_path, source, buildings_csv, weather, recipes, holdout_days, holdout_buildings, seed,
-                        rounds, into, as_json):
+                        rounds, thresholds, into, as_json):
         """Train each recipe on all but the held-out buildings and days, as gateway cycle judges a
         challenger, and print its four figures on those buildings against the project's aims."""
         from gateway.model.train import load_from, load_training_data
 
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        try:
+            scan = tuple(float(t) for t in thresholds.split(",") if t.strip())
+        except ValueError:
+            raise click.BadParameter(f"{thresholds!r} is not a comma-separated list of numbers",
+                                     param_hint="--thresholds") from None
         if (data_path is None) == (source is None):
             raise click.UsageError("give one of --data (an ASHRAE CSV) or --from (the analytics store)")
         try:
@@ -157,7 +176,7 @@ def _command():
             else:
                 table, _, X, ly = load_training_data(data_path, buildings_csv)
             result = measure(table, X, ly, recipes or tuple(RECIPES), holdout_buildings=holdout_buildings,
-                             holdout_days=holdout_days, seed=seed, rounds=rounds)
+                             holdout_days=holdout_days, seed=seed, rounds=rounds, thresholds=scan)
             if into:
                 record(into, result)
         except ModelError as exc:
