@@ -101,7 +101,7 @@ Reference (defaults in brackets)::
       path: models/ashrae-lgbm      # the model folder (model.onnx, golden.json, manifest.json)
       buildings: data/building_metadata.csv  # [the bundled metadata]
       threads: 1                    # [1] 1..64
-      threshold: 3.5                # [3.5] anomaly score at or above which a reading is flagged
+      threshold: 5.5                # [5.5] anomaly score at or above which a reading is flagged
       save_every_s: 600             # [600] save what the meters learned this often (a crash loses at most that)
       drift_window_h: 24            # [24] drift: RMSLE of the model alone over this many hours of data time, <= 8760
       drift_threshold: 2.5          # [2.5] a site and meter type (or the fleet) above this RMSLE marks the model stale
@@ -747,12 +747,14 @@ def _csv_value(c: _Checker, where: str, kind: type | tuple, cell: str) -> Any:
 
 
 def _model_section(c: _Checker, top: dict) -> dict:
+    from gateway.model.online import THRESHOLD  # its one home, beside the score it thresholds
+
     m = c.mapping("model", top.get("model"), {"path", "buildings", "threads", "threshold", "enabled", "save_every_s",
                                               "drift_window_h", "drift_threshold", "drift_min_readings"}, {"path"})
     out = {
         "enabled": c.get("model", m, "enabled", bool, True),
         "threads": c.get("model", m, "threads", int, 1, check=between(1, 64)),
-        "threshold": c.get("model", m, "threshold", (int, float), 3.5, check=gt(0)),
+        "threshold": c.get("model", m, "threshold", (int, float), THRESHOLD, check=gt(0)),
         "save_every_s": c.get("model", m, "save_every_s", (int, float), 600, check=positive(MAX_TIMEOUT_S)),
         "drift_window_h": c.get("model", m, "drift_window_h", (int, float), 24, check=positive(MAX_DRIFT_WINDOW_H)),
         "drift_threshold": c.get("model", m, "drift_threshold", (int, float), 2.5, check=gt(0)),
