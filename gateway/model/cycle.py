@@ -36,7 +36,7 @@ key                        default        meaning
 ``rounds``                 ``200``        LightGBM rounds of the challenger
 ``anomaly_rate``           ``0.02``       share of holdout readings turned into spikes/dropouts
 ``seed``                   ``0``          the holdout's building choice and the injected anomalies
-``zero_state``             ``false``      train the challenger as a zero-state model
+``zero_state``             ``true``       train the challenger as a zero-state model
                                           (:mod:`gateway.model.zero_state`)
 =========================  =============  ====================================================
 """
@@ -71,7 +71,7 @@ class CycleConfig:
     rounds: int = 200
     anomaly_rate: float = 0.02
     seed: int = 0
-    zero_state: bool = False
+    zero_state: bool = True
 
     @classmethod
     def from_dict(cls, raw, where: str = "cycle") -> CycleConfig:

@@ -13,11 +13,12 @@ recipe on the remaining buildings' earlier readings and prints the four figures 
 
 with the aim of each (:data:`AIMS`) and whether it is met. The recipes (:data:`RECIPES`):
 
-- ``working``, the shipped one: known-bad zero stretches left out of training, so the model
-  predicts what a working meter uses;
-- ``all-readings``: trained on every reading (``gateway model train --keep-bad-zeros``);
-- ``zero-state``: a level regression on the non-zero readings and a classifier of zeros, one graph
-  (:mod:`gateway.model.zero_state`; ``gateway model train --zero-state``).
+- ``working``: one regression, known-bad zero stretches left out of training, so the model
+  predicts what a working meter uses (``gateway model train --no-zero-state``);
+- ``all-readings``: one regression on every reading, the plain LightGBM
+  (``--no-zero-state --keep-bad-zeros``);
+- ``zero-state``, the default and the shipped one: a level regression on the non-zero readings and
+  a classifier of zeros, one graph (:mod:`gateway.model.zero_state`).
 
 ``--into MODEL_DIR`` records the result in that folder's ``manifest.json`` (key ``quality``; the
 model itself and its checksum are untouched) and regenerates its ``CARD.md``. Cross-validation by

@@ -2,7 +2,10 @@
 
 The model predicts ``log1p(reading) − log(square feet)`` with LightGBM from
 :func:`gateway.model.features.featurize`; the exported ONNX graph adds ``log(square feet)`` back,
-so its one output is log1p(expected reading) and no caller can forget the transform.
+so its one output is log1p(expected reading) and no caller can forget the transform. By default
+the model is a zero-state model (:mod:`gateway.model.zero_state`): that regression fitted on the
+non-zero readings, times the chance of a reading above 0 from a classifier, in the same one graph;
+``--no-zero-state`` trains the regression alone, without the known-bad zero stretches.
 
 Output folder: ``model.onnx``, ``golden.json`` (feature rows + expected outputs, for the hot-swap
 check) and ``manifest.json`` (version, data range and counts, metrics, lineage); ``gateway model
@@ -302,7 +305,7 @@ def train(
     parent: str | None = None,
     trained_by: str = "gateway model train",
     card: bool = False,
-    zero_state: bool = False,
+    zero_state: bool = True,
 ) -> dict:
     """Train on ``data_path`` (an ASHRAE CSV) or ``source`` (the analytics store, see
     :func:`load_from`), evaluate (unless ``evaluate=False``), write the model folder; returns the manifest.
@@ -329,7 +332,7 @@ def fit_and_write(
     table, X, ly, out_dir, *, training_data: dict, params: dict | None = None, rounds: int = DEFAULT_ROUNDS,
     folds: int = 5, threads: int = 0, evaluate: bool = True, name: str | None = None, progress=None,
     clean: bool = True, parent: str | None = None, trained_by: str = "gateway model train", card: bool = False,
-    zero_state: bool = False,
+    zero_state: bool = True,
 ) -> dict:
     """Fit on the rows of ``table`` (features ``X``, targets ``ly``), check ONNX parity in log
     space, write the model folder and its card; returns the manifest."""
@@ -432,9 +435,10 @@ def _command():
     @click.option("--rounds", default=DEFAULT_ROUNDS, show_default=True)
     @click.option("--folds", default=5, show_default=True)
     @click.option("--no-eval", is_flag=True, help="skip the cross-validation")
-    @click.option("--keep-bad-zeros", is_flag=True, help="train on known-bad zero stretches too")
-    @click.option("--zero-state", is_flag=True,
-                  help="a level regression on the non-zero readings and a classifier of zero readings, in one graph")
+    @click.option("--keep-bad-zeros", is_flag=True, help="With --no-zero-state: train on known-bad zero stretches too.")
+    @click.option("--zero-state/--no-zero-state", default=True, show_default=True,
+                  help="A level regression on the non-zero readings and a classifier of zero readings, in one "
+                       "graph; --no-zero-state: one regression (without the known-bad zeros unless --keep-bad-zeros).")
     def train_command(data_path, source, out_dir, buildings_csv, weather, parent_dir, rounds, folds, no_eval,
                       keep_bad_zeros, zero_state):
         """Train the model on an ASHRAE CSV or the analytics store and write MODEL_DIR (model.onnx,

@@ -13,8 +13,10 @@ but the model alone scores 1.75 on all readings). With the zero state the model 
 The output stays one number, log1p(expected) = (1 − p_zero) · level, the expectation of
 log1p(reading) under the two parts, which is what RMSLE rewards. Both parts go into the one ONNX
 graph (:func:`append_to_graph`), so the gateway, the hot-swap checks and the scorer see the same
-input and output as for a plain model. ``gateway model train --zero-state`` (or ``cycle.zero_state``)
-trains it; ``gateway model quality`` compares it with the plain recipes.
+input and output as for a plain model. ``gateway model train`` and ``gateway cycle`` train it by
+default (``--no-zero-state``, ``cycle.zero_state: false`` for the regression alone); ``gateway model
+quality`` compares it with the plain recipes: only the zero-state model is at least as good as a
+plain regression on every reading in each view, and as sharp on dropouts as the working-meter one.
 """
 
 from __future__ import annotations
