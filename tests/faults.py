@@ -45,3 +45,29 @@ class FailingConnection:
 
     def __getattr__(self, name):
         return getattr(self._db, name)
+
+
+class DiskFullOn:
+    """A sqlite3 connection, except that a statement starting with ``statement`` finds the disk
+    full while ``armed``: SQLite has rolled the transaction back by itself (as it may on
+    SQLITE_FULL) and the statement raises "database or disk is full". ``once``: disarm after it."""
+
+    def __init__(self, db: sqlite3.Connection, statement: str, *, armed: bool = True, once: bool = False):
+        self._db, self.statement, self.armed, self.once = db, statement, armed, once
+
+    def _hit(self, sql: str) -> None:
+        if self.armed and sql.startswith(self.statement):
+            self.armed = not self.once
+            self._db.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+
+    def execute(self, sql, *args):
+        self._hit(sql)
+        return self._db.execute(sql, *args)
+
+    def executemany(self, sql, *args):
+        self._hit(sql)
+        return self._db.executemany(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)

@@ -11,7 +11,7 @@ from gateway.buffer import MIGRATIONS, Buffer
 from gateway.errors import BufferError, BufferFull, DiskFull, SchemaError
 from gateway.readings import Reading
 
-from faults import FailingConnection
+from faults import DiskFullOn, FailingConnection
 
 T0 = 1_451_606_400_000  # 2016-01-01T00:00:00Z
 MIN = 60_000
@@ -486,25 +486,6 @@ def test_a_put_that_fails_after_evicting_leaves_memory_as_the_database(tmp_path,
     b.close()
 
 
-class _CommitFindsTheDiskFull:
-    """The buffer's connection, except that COMMIT raises "database or disk is full" while
-    ``armed`` (everything in the put ran; the WAL could not take its last pages)."""
-
-    def __init__(self, db: sqlite3.Connection):
-        self._db = db
-        self.armed = False
-
-    def execute(self, sql, *args):
-        if self.armed and sql == "COMMIT":
-            self.armed = False
-            self._db.execute("ROLLBACK")
-            raise sqlite3.OperationalError("database or disk is full")
-        return self._db.execute(sql, *args)
-
-    def __getattr__(self, name):
-        return getattr(self._db, name)
-
-
 def test_a_put_that_fails_adds_nothing_to_the_ingest_rate(db_path, monkeypatch):
     """The rate that status and autonomy are computed from counted a rolled-back put's rows: on a
     full disk, every retry of one batch raised the ingest rate."""
@@ -513,7 +494,7 @@ def test_a_put_that_fails_adds_nothing_to_the_ingest_rate(db_path, monkeypatch):
     b.put(readings(100))
     now[0] += 60
     real = b.db
-    failing = _CommitFindsTheDiskFull(real)
+    failing = DiskFullOn(real, "COMMIT", armed=False, once=True)  # the WAL could not take its last pages
     monkeypatch.setattr(b, "db", failing)
     for _ in range(3):  # the source offers its batch again, and again, on a full disk
         failing.armed = True

@@ -20,6 +20,7 @@ import pytest
 from gateway.buffer import Buffer
 from gateway.errors import BufferCorrupt
 from gateway.readings import Reading, Rejected
+from faults import DiskFullOn
 
 REPO = Path(__file__).resolve().parents[1]
 GATEWAY = Path(sys.executable).parent / "gateway"  # the console script of this venv
@@ -233,23 +234,6 @@ def test_recover_never_overwrites_an_existing_file(made, tmp_path):
     assert dst.read_bytes() == b"someone's file"
 
 
-class _FullDiskConnection:
-    """The copy's connection, whose insert of readings finds the disk full after SQLite has rolled
-    the transaction back by itself (as it may on SQLITE_FULL)."""
-
-    def __init__(self, db):
-        self._db = db
-
-    def executemany(self, sql, *args):
-        if sql.startswith('INSERT OR REPLACE INTO "readings"'):
-            self._db.execute("ROLLBACK")
-            raise sqlite3.OperationalError("database or disk is full")
-        return self._db.executemany(sql, *args)
-
-    def __getattr__(self, name):
-        return getattr(self._db, name)
-
-
 def test_recover_onto_a_full_disk_says_so_naming_the_copy_and_leaves_no_half_copy(made, monkeypatch):
     """Its own ROLLBACK after SQLite had rolled back raised 'cannot rollback - no transaction is
     active', a bare sqlite3 error: gateway buffer recover printed a traceback."""
@@ -261,7 +245,7 @@ def test_recover_onto_a_full_disk_says_so_naming_the_copy_and_leaves_no_half_cop
 
     def connect(path, *args, **kwargs):  # the copy's own connection (a Buffer opens it with more arguments)
         db = real(path, *args, **kwargs)
-        return _FullDiskConnection(db) if str(path) == str(dst) and kwargs == {"isolation_level": None} else db
+        return DiskFullOn(db, 'INSERT OR REPLACE INTO "readings"') if str(path) == str(dst) and kwargs == {"isolation_level": None} else db
 
     monkeypatch.setattr(sqlite3, "connect", connect)
     with pytest.raises(DiskFull, match=rf"^{dst}: the disk is full \(database or disk is full\)"):

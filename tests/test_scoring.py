@@ -26,7 +26,7 @@ from gateway.readings import Reading
 from gateway.sources.simulator import SimulatorSource
 from gateway.sources.weather import LatestWeather
 
-from faults import FailingConnection
+from faults import DiskFullOn, FailingConnection
 
 MODEL = default_model()
 BUILDINGS = default_buildings()
@@ -334,23 +334,6 @@ def test_a_valid_but_huge_reading_is_delivered_raw_and_never_stops_delivery(tmp_
     assert buf.pending() == 0
 
 
-class _RolledBackByAFullDisk:
-    """A connection whose insert into meter_stats finds the disk full, after SQLite has rolled the
-    transaction back by itself (as it may on SQLITE_FULL)."""
-
-    def __init__(self, db):
-        self._db = db
-
-    def executemany(self, sql, *args):
-        if sql.startswith("INSERT INTO meter_stats"):
-            self._db.execute("ROLLBACK")
-            raise sqlite3.OperationalError("database or disk is full")
-        return self._db.executemany(sql, *args)
-
-    def __getattr__(self, name):
-        return getattr(self._db, name)
-
-
 def test_a_statistics_save_on_a_full_disk_says_the_disk_is_full(tmp_path):
     """The save's own ROLLBACK, after SQLite had rolled back, raised "cannot rollback - no
     transaction is active", which hid the full disk."""
@@ -358,7 +341,7 @@ def test_a_statistics_save_on_a_full_disk_says_the_disk_is_full(tmp_path):
     stats.update(["1433:electricity"], np.array([1.0]), np.array([1.1]))
     db = sqlite3.connect(tmp_path / "stats.db", isolation_level=None)
     with pytest.raises(ModelError, match=r"^meter_stats: cannot save: database or disk is full$"):
-        stats.save(_RolledBackByAFullDisk(db))
+        stats.save(DiskFullOn(db, "INSERT INTO meter_stats"))
     assert not db.in_transaction and stats.dirty == 1  # nothing saved: still to be written
     stats.save(db)
     assert db.execute("SELECT meter_key FROM meter_stats").fetchall() == [("1433:electricity",)]
