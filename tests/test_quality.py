@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -67,6 +68,7 @@ def test_into_records_the_result_in_the_manifest_and_card_and_leaves_the_model_a
     Scorer(model)  # still passes every hot-swap check
     card = (model / "CARD.md").read_text()
     assert "`gateway model quality`" in card and "| zero-state |" in card and "| aim | <= 1.5 |" in card
+    assert re.search(r"\| ONNX vs LightGBM, max abs diff in log space \| \d\.\de-0\d \|", card)  # not 0.000
 
 
 def test_an_unknown_recipe_is_named(result):

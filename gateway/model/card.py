@@ -29,6 +29,11 @@ def _f(v, digits: int = 3) -> str:
     return str(v)
 
 
+def _sci(v) -> str:
+    """A small figure that fixed decimals would show as 0.000."""
+    return "–" if v is None else f"{v:.1e}"
+
+
 def _table(head: list[str], rows: list[list]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     out += ["| " + " | ".join(_f(c) for c in r) + " |" for r in rows]
@@ -80,7 +85,7 @@ def render(manifest: dict) -> str:
         ["parent (the model in service when it was trained)", lineage.get("parent") or "none"],
         ["code version", lineage.get("code_version")], ["trained by", lineage.get("trained_by")],
         ["model.onnx sha256", manifest.get("sha256")],
-        ["ONNX vs LightGBM, max abs diff in log space", manifest.get("parity_max_abs_diff")],
+        ["ONNX vs LightGBM, max abs diff in log space", _sci(manifest.get("parity_max_abs_diff"))],
     ])
     lines += ["", "## Training data", ""]
     rows = [[k.replace("_", " "), json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in data.items()]
