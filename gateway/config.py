@@ -101,7 +101,7 @@ Reference (defaults in brackets)::
       path: models/ashrae-lgbm      # the model folder (model.onnx, golden.json, manifest.json)
       buildings: data/building_metadata.csv  # [the bundled metadata]
       threads: 1                    # [1] 1..64
-      threshold: 5.5                # [5.5] anomaly score at or above which a reading is flagged
+      threshold: 3.5                # [3.5] anomaly score at or above which a reading is flagged
       save_every_s: 600             # [600] save what the meters learned this often (a crash loses at most that)
       drift_window_h: 24            # [24] drift: RMSLE of the model alone over this many hours of data time, <= 8760
       drift_threshold: 2.5          # [2.5] a site and meter type (or the fleet) above this RMSLE marks the model stale

@@ -90,7 +90,7 @@ def test_thresholds_scan_the_flag_for_choosing_model_threshold():
     anomaly = json.loads(out.output)["recipes"]["working"]["anomaly"]
     scan = anomaly["by_threshold"]
     assert list(scan) == ["3.5", "5.5"]
-    assert scan["5.5"] == {k: anomaly[k] for k in scan["5.5"]}  # 5.5 is the default threshold
+    assert scan["3.5"] == {k: anomaly[k] for k in scan["3.5"]}  # 3.5 is the default threshold
     assert scan["3.5"]["flag_rate_clean"] >= scan["5.5"]["flag_rate_clean"]
     assert scan["3.5"]["recall"] >= scan["5.5"]["recall"]
     text = CliRunner().invoke(main, [*ARGS, "--recipe", "working", "--thresholds", "3.5,5.5"]).output
