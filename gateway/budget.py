@@ -47,6 +47,7 @@ class Budget:
         # grow for that) and nothing stays stuck once the disk is full.
         self.reserve_path = Path(f"{path}.reserve")
         self.reserve_bytes = self.wal_bytes
+        self.wal_file_bytes = self.wal_bytes  # what the -wal file is kept to (configure sets it)
         self.disk_cap: int | None = None  # set when the disk filled before the budget
         self._last_used, self._unmeasured = 0, 1 << 40  # measure on the first put
         self.row_bytes = 40.0  # what a stored reading costs, learned from the pages as they fill
@@ -79,6 +80,7 @@ class Budget:
             pages = max(wal // self.page_size, 16)
             db.execute(f"PRAGMA wal_autocheckpoint={pages}")
             db.execute(f"PRAGMA journal_size_limit={pages * self.page_size}")
+            self.wal_file_bytes = pages * self.page_size
 
     @property
     def limit(self) -> int:
@@ -99,16 +101,17 @@ class Budget:
         return (pages - free) * size + max(wal - self.wal_bytes, 0)
 
     def hold_wal(self, db: sqlite3.Connection) -> None:
-        """After a commit: when a reader held back the checkpoints and the WAL grew half its share
-        past it (acknowledgements and reclaims are not gated like puts), checkpoint it in full and
-        truncate it, waiting a moment for the reader to finish."""
+        """After a commit: when the WAL file is past its share (a reader held back the
+        checkpoints, or the commit that triggered one left the file long until the next write),
+        checkpoint it in full and truncate it, waiting a moment for a reader to finish. So the next
+        transaction starts on at most a share of log, which :meth:`room` counts on."""
         if not self.wal_bytes:
             return
         try:
             wal = os.stat(f"{self.path}-wal").st_size
         except OSError:
             return
-        if wal <= self.wal_bytes * 3 // 2:
+        if wal <= self.wal_file_bytes:
             return
         (timeout,) = db.execute("PRAGMA busy_timeout").fetchone()
         db.execute("PRAGMA busy_timeout=250")

@@ -55,7 +55,7 @@ from gateway import status as report
 from gateway.budget import POLICIES, Budget
 from gateway.claims import maybe_merge, next_claim
 from gateway.db import atomic, map_error, mapped
-from gateway.errors import BufferCorrupt, BufferError, BufferFull, DiskFull
+from gateway.errors import BufferCorrupt, BufferError, DiskFull
 from gateway.eviction import make_room
 from gateway.ids import Ids, MeterInfo
 from gateway.keyrange import after, upto
@@ -308,13 +308,16 @@ class Buffer:
         undo: Callable[[], None] | None = None
         saving = False
         with self._lock:
-            if self._reclaim_due:  # acknowledged rows first, in transactions of their own
-                reclaim_in_chunks(self, chunks=20)
+            near = bool(readings) and self.budget.near(self.db, len(readings))
+            if near:  # every acknowledged row goes first, so that the put's own log is only its rows
+                self._reclaim_due = True
+            if self._reclaim_due:  # in transactions of their own (gateway.reclaim)
+                reclaim_in_chunks(self, chunks=1 << 30 if near else 20)
             try:
                 with self._atomic() as db:
                     rows, lo_ts = self._rows(readings, now_ms, quarantine)
                     evicted = refused = 0
-                    if rows and self.budget.near(db, len(rows)):
+                    if rows and near:
                         evicted, refused, rows = make_room(self, rows, can_wait)
                     if rows and self.scorer is not None:
                         rows, undo = score(self, rows)
@@ -342,11 +345,9 @@ class Buffer:
                         self.scorer.save(db)
                 if saving:
                     self.scorer.saved()  # committed: what changed is on disk
-            except BaseException as exc:
+            except BaseException:
                 if undo is not None:
                     undo()
-                if isinstance(exc, BufferFull):  # the reclaim in the refused put rolled back with it:
-                    self._reclaim_due = True  # the next put reclaims first, and commits that
                 raise
         if stored:
             for fn in self._listeners:

@@ -1,7 +1,8 @@
 """Eviction: what the budget policies do when a put finds the buffer's byte budget used up.
 
-Inside put's transaction, before its rows are inserted (:func:`make_room`): acknowledged rows are
-reclaimed first; if the budget is still over, the policy decides (see :mod:`gateway.budget`):
+Inside put's transaction, before its rows are inserted (:func:`make_room`), once the put has
+reclaimed acknowledged rows in transactions of their own (:mod:`gateway.reclaim`): if the budget is
+still over, the policy decides (see :mod:`gateway.budget`):
 
 - ``drop_oldest`` evicts as many unsent, unclaimed readings as are coming in, oldest first: the
   backlog below the live floor, then the live lane. Claims in flight finish. Eviction goes around
@@ -20,7 +21,6 @@ from typing import TYPE_CHECKING
 from gateway.errors import BufferError, BufferFull
 from gateway.keyrange import between, upto
 from gateway.lanes import Key, Lane
-from gateway.reclaim import RECLAIM_CHUNK, reclaim_chunk
 
 if TYPE_CHECKING:
     from gateway.buffer import Buffer
@@ -30,7 +30,6 @@ def make_room(buf: Buffer, rows: list[tuple], can_wait: bool) -> tuple[int, int,
     """Apply the budget policy, inside put's transaction, when the budget is used up.
 
     Returns (evicted, refused, rows to insert)."""
-    reclaim_chunk(buf, max(RECLAIM_CHUNK, 2 * len(rows)))  # acknowledged rows go first
     budget = buf.budget
     if not budget.over(buf.db, len(rows)):
         return 0, 0, rows

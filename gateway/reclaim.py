@@ -5,9 +5,13 @@ deletes below the backlog cursor, once ``reclaim_every`` readings have been pass
 or evicted) since the last reclaim. Readings listed in ``resend`` (late ones not yet delivered)
 are kept.
 
-Each delete takes at most :data:`RECLAIM_CHUNK` rows, in a transaction of its own, so that it
-needs little WAL: on a full disk a delete of a whole backlog could never commit, and nothing else
-could either. A full disk stops a reclaim; it is tried again after the next acknowledgement.
+Each delete takes at most :func:`chunk_rows` rows (:data:`RECLAIM_CHUNK`, fewer under a small
+budget), in a transaction of its own, so that it needs little WAL: on a full disk a delete of a
+whole backlog could never commit, and nothing else could either; and under a budget, one delete's
+log must fit in the WAL's share beside what the log already holds. So reclaim never runs inside a
+put's transaction: a put near the budget reclaims first, in these transactions of its own, and its
+own transaction then writes only what :meth:`gateway.budget.Budget.room` holds back for it. A full
+disk stops a reclaim; it is tried again after the next acknowledgement.
 
 A key whose row was reclaimed
     After a reading is acknowledged and reclaimed, the buffer no longer knows its key: the same
@@ -23,24 +27,38 @@ from typing import TYPE_CHECKING
 from gateway.errors import DiskFull
 from gateway.keyrange import upto
 
+from gateway.budget import ROW_BYTES
+
 if TYPE_CHECKING:
     from gateway.buffer import Buffer
 
-#: Acknowledged rows deleted by one reclaim transaction (about 50 pages of WAL).
+#: Acknowledged rows deleted by one reclaim transaction at most (about 50 pages of WAL).
 RECLAIM_CHUNK = 5_000
 
 
-def reclaim_chunk(buf: Buffer, limit: int = RECLAIM_CHUNK) -> int:
-    """Delete up to ``limit`` of the oldest acknowledged rows, below the backlog cursor (one range
-    delete, inside the caller's transaction); returns the rows deleted."""
+def chunk_rows(buf: Buffer) -> int:
+    """Rows one reclaim transaction deletes: :data:`RECLAIM_CHUNK`, or fewer when the WAL's share
+    is small, so that a delete logs at most a quarter of that share (a range delete rewrites the
+    leaf pages of the rows it takes, and the interior pages above them)."""
+    share = buf.budget.wal_bytes
+    return min(RECLAIM_CHUNK, max(256, share // (4 * ROW_BYTES))) if share else RECLAIM_CHUNK
+
+
+def reclaim_chunk(buf: Buffer, limit: int | None = None) -> int:
+    """Delete up to ``limit`` (default :func:`chunk_rows`) of the oldest acknowledged rows, below
+    the backlog cursor (one range delete, inside the caller's transaction); returns the rows deleted."""
+    limit = limit or chunk_rows(buf)
     top = buf.lanes.backlog.cursor
-    edge = buf.db.execute(
-        f"SELECT ts, meter FROM readings WHERE {upto(top)[0]} ORDER BY ts, meter LIMIT 1 OFFSET ?",
-        upto(top)[1] + (limit - 1,)).fetchone()
+    # late readings not yet delivered stay; the edge is chosen among the others, so a delete always
+    # takes ``limit`` rows (more than ``limit`` such readings at the bottom must not stall it)
+    keep = (" AND NOT EXISTS (SELECT 1 FROM resend s WHERE s.ts = readings.ts AND s.meter = readings.meter)"
+            if buf._resend_count else "")
+    below, below_args = upto(top)
+    edge = buf.db.execute(f"SELECT ts, meter FROM readings WHERE {below}{keep} ORDER BY ts, meter LIMIT 1 OFFSET ?",
+                          below_args + (limit - 1,)).fetchone()
     done = edge is None  # fewer than limit left: this delete takes them all
     sql, args = upto(top if done else tuple(edge))
-    if buf._resend_count:
-        sql += " AND NOT EXISTS (SELECT 1 FROM resend s WHERE s.ts = readings.ts AND s.meter = readings.meter)"
+    sql += keep
     before = buf.db.total_changes
     buf.db.execute(f"DELETE FROM readings WHERE {sql}", args)
     if done:

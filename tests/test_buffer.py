@@ -456,6 +456,22 @@ def test_eviction_takes_the_late_readings_it_evicts_with_it(tmp_path):
     b.close()
 
 
+def test_reclaim_goes_past_more_late_readings_than_one_chunk_takes(tmp_path):
+    """Under a small budget a reclaim transaction takes 256 rows; 400 undelivered late readings at
+    the bottom made each delete take none of them and none above: the reclaim never ended."""
+    from gateway.reclaim import chunk_rows
+
+    b = Buffer(tmp_path / "b.db", budget_bytes=256 * 1024, policy="drop_oldest", live_window_ms=10**12)
+    assert chunk_rows(b) == 256
+    b.put(readings(1000, start=5000))
+    drain(b)
+    b.put(readings(400, start=0))  # late: listed in resend, below the cursor, not yet delivered
+    assert b.status()["resend"] == 400
+    assert b.reclaim() == 1000
+    assert b.pending() == 400 and len(drain(b)) == 400
+    b.close()
+
+
 def test_a_key_whose_row_was_reclaimed_is_stored_again_as_a_late_reading(buf):
     buf.put([reading(1, value=5.0)])
     drain(buf)
