@@ -341,7 +341,11 @@ def fit_and_write(
     name = name or out.name
     log.info("%d readings of %d buildings, %d features", len(ly), len(np.unique(table.building_id)), X.shape[1])
     exclude = known_bad_zeros(table) if clean else np.zeros(len(ly), dtype=bool)
-    log.info("%d known-bad zero readings left out of training", int(exclude.sum()))
+    if zero_state:
+        log.info("zero-state model: the level on the %d non-zero readings, the classifier on all",
+                 int((ly > 0).sum()))
+    else:
+        log.info("%d known-bad zero readings left out of training", int(exclude.sum()))
     metrics = (cross_validate(table, X, ly, params, rounds, folds, threads, progress, exclude, zero_state)
                if evaluate else {})
     keep = np.flatnonzero(~exclude)
