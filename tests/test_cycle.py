@@ -162,7 +162,7 @@ def test_publish_deploys_to_a_local_nucleus_then_the_cycle_ships_a_better_model(
     assert wait_for(lambda: _announced(nucleus, weak_version), 120)
 
     cfg = tmp_path / "cycle.yaml"
-    cfg.write_text("cycle:\n  margin: 0.05\n  rounds: 60\n")
+    cfg.write_text("cycle:\n  margin: 0.05\n  rounds: 60\n  anomaly_rate: 0.05\n")  # enough for F1 (test_champion)
     res = CliRunner().invoke(main, ["cycle", "--from", str(root), "--weather", str(WEATHER), "--root",
                                     str(nucleus.root), "--workdir", str(tmp_path / "cycle"), "--config", str(cfg)])
     assert res.exit_code == 0, res.output
@@ -199,7 +199,7 @@ def test_an_iot_analytics_dataset_triggers_a_cycle_as_the_seeds_notebook_did(tmp
     weak = weakened(send_sample_root(tmp_path / "firehose"), tmp_path / "weak")
     work = tmp_path / "work"
     log = work / "cycles.jsonl"
-    stop = on_dataset(ia, "metergateway_highres", work, config=CycleConfig(rounds=60), champion_dir=weak,
+    stop = on_dataset(ia, "metergateway_highres", work, config=CycleConfig(rounds=60, anomaly_rate=0.05), champion_dir=weak,
                       weather=WEATHER)
     try:
         csv_path = ia.run_dataset("metergateway_highres")
