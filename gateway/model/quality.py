@@ -45,11 +45,12 @@ AIMS: dict[str, tuple[str, float]] = {
     "anomaly_auc": (">=", 0.985),
     "anomaly_f1": (">=", 0.65),
 }
-#: recipe → how it trains: leave the known-bad zeros out (``clean``), and the zero-state model.
+#: recipe → how it trains, as ``gateway model train`` would: ``clean`` (the known-bad zeros are
+#: left out of a plain regression and of the square-feet fill) and the zero-state model.
 RECIPES: dict[str, dict[str, bool]] = {
     "working": {"clean": True, "zero_state": False},
     "all-readings": {"clean": False, "zero_state": False},
-    "zero-state": {"clean": False, "zero_state": True},
+    "zero-state": {"clean": True, "zero_state": True},
 }
 
 
@@ -59,8 +60,7 @@ def measure(table, X: np.ndarray, ly: np.ndarray, recipes=tuple(RECIPES), *, hol
     """Train each recipe on the holdout's training rows and judge it on the held-out ones (the
     flag also at each of ``thresholds``)."""
     from gateway.model import champion as ch
-    from gateway.model.features import FEATURE_INDEX
-    from gateway.model.train import DEFAULT_PARAMS, DEFAULT_ROUNDS, fit_predictor, known_bad_zeros, predict_log
+    from gateway.model.train import DEFAULT_PARAMS, DEFAULT_ROUNDS, fit_predictor, fit_rows, known_bad_zeros, predict_log
 
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
@@ -68,11 +68,11 @@ def measure(table, X: np.ndarray, ly: np.ndarray, recipes=tuple(RECIPES), *, hol
     holdout = ch.split(table, holdout_buildings, holdout_days, seed)
     rows, scored = ch.holdout_rows(table, holdout)
     bad = known_bad_zeros(table)
+    none = np.zeros(len(ly), dtype=bool)
     out = {"holdout": holdout.describe(table), "aims": {k: list(v) for k, v in AIMS.items()}, "recipes": {}}
     for name in recipes:
         recipe = RECIPES[name]
-        train_rows = holdout.train[~bad[holdout.train]] if recipe["clean"] else holdout.train
-        fill = float(np.nanmedian(X[train_rows, FEATURE_INDEX["log_square_feet"]]))
+        train_rows, fill = fit_rows(X, holdout.train, bad if recipe["clean"] else none, recipe["zero_state"])
         booster, classifier = fit_predictor(X, ly, train_rows, fill, DEFAULT_PARAMS, rounds or DEFAULT_ROUNDS,
                                             threads, recipe["zero_state"])
         pred = predict_log(booster, classifier, X[rows], fill)

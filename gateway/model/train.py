@@ -156,14 +156,27 @@ def _offset(X: np.ndarray, fill: float) -> np.ndarray:
     return np.where(np.isnan(lsf), fill, lsf)
 
 
-def _fit(X, ly, fill, params, rounds, threads):
+def fit_lightgbm(X, y, params, rounds, threads):
+    """A LightGBM model of ``y`` on the feature matrix, as every model here sees it (feature names,
+    categorical splits)."""
     import lightgbm as lgb
 
-    ds = lgb.Dataset(
-        X, ly - _offset(X, fill), feature_name=list(FEATURE_NAMES), categorical_feature=list(CATEGORICAL),
-        free_raw_data=True,
-    )  # fmt: skip
+    ds = lgb.Dataset(X, y, feature_name=list(FEATURE_NAMES), categorical_feature=list(CATEGORICAL),
+                     free_raw_data=True)
     return lgb.train({**params, "num_threads": threads}, ds, rounds)
+
+
+def _fit(X, ly, fill, params, rounds, threads):
+    return fit_lightgbm(X, ly - _offset(X, fill), params, rounds, threads)
+
+
+def fit_rows(X, rows, exclude, zero_state: bool) -> tuple[np.ndarray, float]:
+    """The rows of ``rows`` a model is fitted on, and its square-feet fill (the median log square
+    feet of the rows not ``exclude``d): a plain regression leaves the excluded rows out, a
+    zero-state model fits on every row (its classifier must see the zeros)."""
+    kept = rows[~exclude[rows]]
+    fill = float(np.nanmedian(X[kept, FEATURE_INDEX["log_square_feet"]]))
+    return (rows if zero_state else kept), fill
 
 
 def fit_predictor(X, ly, rows, fill, params, rounds, threads, zero_state: bool = False):
@@ -207,10 +220,9 @@ def cross_validate(
     naive = np.zeros(len(ly))
     for k, (tr, te) in enumerate(GroupKFold(folds).split(X, ly, table.building_id)):
         t0 = time.perf_counter()
-        fit_rows = tr if zero_state else tr[~exclude[tr]]
-        tr = tr[~exclude[tr]]
-        fill = float(np.nanmedian(X[tr, FEATURE_INDEX["log_square_feet"]]))
-        booster, classifier = fit_predictor(X, ly, fit_rows, fill, params, rounds, threads, zero_state)
+        fitted, fill = fit_rows(X, tr, exclude, zero_state)
+        tr = tr[~exclude[tr]]  # the naive baseline's rows
+        booster, classifier = fit_predictor(X, ly, fitted, fill, params, rounds, threads, zero_state)
         oof[te] = predict_log(booster, classifier, X[te], fill)
         naive[te] = naive_baseline(X[tr], ly[tr], X[te])
         fold = rmsle(oof[te], ly[te], table.meter[te])["overall"]
@@ -348,10 +360,8 @@ def fit_and_write(
         log.info("%d known-bad zero readings left out of training", int(exclude.sum()))
     metrics = (cross_validate(table, X, ly, params, rounds, folds, threads, progress, exclude, zero_state)
                if evaluate else {})
-    keep = np.flatnonzero(~exclude)
-    fill = float(np.nanmedian(X[keep, FEATURE_INDEX["log_square_feet"]]))
-    fit_rows = np.arange(len(ly)) if zero_state else keep
-    booster, classifier = fit_predictor(X, ly, fit_rows, fill, params, rounds, threads, zero_state)
+    fitted, fill = fit_rows(X, np.arange(len(ly)), exclude, zero_state)
+    booster, classifier = fit_predictor(X, ly, fitted, fill, params, rounds, threads, zero_state)
     if progress is not None:
         progress(folds, folds)
     model = to_onnx(booster, X.shape[1], fill, classifier)
@@ -371,7 +381,7 @@ def fit_and_write(
                                      "from_utc_ms": int(table.ts_ms.min()), "to_utc_ms": int(table.ts_ms.max()),
                                      "buildings": int(len(np.unique(table.building_id))),
                                      "meters": int(len(np.unique(table.building_id * 4 + table.meter))),
-                                     "rows_fitted": len(fit_rows),
+                                     "rows_fitted": len(fitted),
                                      "excluded": "none" if zero_state or not clean else "known_bad_zeros"}),  # fmt: skip
         "metrics": json.dumps(metrics),
         "params": json.dumps({**params, "rounds": rounds, "zero_state": zero_state}),

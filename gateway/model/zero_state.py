@@ -33,14 +33,9 @@ PREFIX = "zero_state_"
 
 def fit(X: np.ndarray, is_zero: np.ndarray, params: dict, rounds: int, threads: int):
     """The classifier of "reads 0", on every row given."""
-    import lightgbm as lgb
+    from gateway.model.train import fit_lightgbm
 
-    from gateway.model.features import FEATURE_NAMES
-    from gateway.model.train import CATEGORICAL
-
-    ds = lgb.Dataset(X, np.asarray(is_zero, dtype=np.float64), feature_name=list(FEATURE_NAMES),
-                     categorical_feature=list(CATEGORICAL), free_raw_data=True)
-    return lgb.train({**params, "objective": OBJECTIVE, "num_threads": threads}, ds, rounds)
+    return fit_lightgbm(X, np.asarray(is_zero, dtype=np.float64), {**params, "objective": OBJECTIVE}, rounds, threads)
 
 
 def combine(level_log: np.ndarray, p_zero: np.ndarray) -> np.ndarray:
