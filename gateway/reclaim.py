@@ -44,10 +44,10 @@ def chunk_rows(buf: Buffer) -> int:
     return min(RECLAIM_CHUNK, max(256, share // (4 * ROW_BYTES))) if share else RECLAIM_CHUNK
 
 
-def reclaim_chunk(buf: Buffer, limit: int | None = None) -> int:
-    """Delete up to ``limit`` (default :func:`chunk_rows`) of the oldest acknowledged rows, below
-    the backlog cursor (one range delete, inside the caller's transaction); returns the rows deleted."""
-    limit = limit or chunk_rows(buf)
+def reclaim_chunk(buf: Buffer) -> int:
+    """Delete up to :func:`chunk_rows` of the oldest acknowledged rows, below the backlog cursor
+    (one range delete, inside the caller's transaction); returns the rows deleted."""
+    limit = chunk_rows(buf)
     top = buf.lanes.backlog.cursor
     # late readings not yet delivered stay; the edge is chosen among the others, so a delete always
     # takes ``limit`` rows (more than ``limit`` such readings at the bottom must not stall it)
